@@ -1,0 +1,140 @@
+"""hilda-prep: build the datasets and the training cache (thin: parse, call, report)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hilda.cli.common import fail_cleanly, parse_size
+
+app = typer.Typer(
+    help="Prepare data: the synthetic world, and the Zarr training cache (stages run on Dask).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+@app.command("make-synthetic")
+@fail_cleanly
+def make_synthetic_cmd(
+    format: Annotated[str, typer.Option("--format", help="nuscenes or av2 on-disk format")] = "nuscenes",
+    out: Annotated[Path, typer.Option(help="output folder (the dataset root)")] = Path("out/synthetic"),
+    scenes: Annotated[int, typer.Option(min=1, help="number of scenes (logs)")] = 2,
+    frames_per_scene: Annotated[int, typer.Option(min=1, help="keyframes per scene, 0.5 s apart")] = 6,
+    seed: Annotated[int, typer.Option(help="world seed; output is deterministic for a seed")] = 0,
+    image_size: Annotated[
+        str | None, typer.Option(help="WxH of landscape cameras (default 800x450 nuscenes, 512x388 av2)")
+    ] = None,
+    version: Annotated[str, typer.Option(help="nuScenes table version: v1.0-mini or v1.0-trainval")] = "v1.0-mini",
+    keyframe_every: Annotated[int, typer.Option(min=1, help="AV2: sweeps (10 Hz) per keyframe")] = 5,
+) -> None:
+    """Generate the procedural driving world and write it in nuScenes or AV2 format."""
+    from hilda.datasets.synthetic.generate import SyntheticConfig, make_synthetic
+
+    cfg = SyntheticConfig(
+        format=format,  # type: ignore[arg-type]
+        out=out,
+        scenes=scenes,
+        frames_per_scene=frames_per_scene,
+        seed=seed,
+        image_size=parse_size(image_size) if image_size else None,
+        version=version,
+        keyframe_every=keyframe_every,
+    )
+    w, h = cfg.resolved_image_size
+    console.print(
+        f"[bold]synthetic world[/] seed {seed}: {scenes} scenes x {frames_per_scene} keyframes, "
+        f"{format} format, cameras {w}x{h} -> {out}"
+    )
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("keyframes", total=scenes * frames_per_scene)
+        counts = make_synthetic(cfg, progress=lambda msg: bar.update(task, advance=1, description=msg))
+    table = Table(title=f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    table.add_column("item")
+    table.add_column("count", justify="right")
+    for key, value in counts.items():
+        table.add_row(key, f"{value:,}")
+    console.print(table)
+    if format == "nuscenes":
+        console.print(f"read it with: hilda-prep frames --dataset nuscenes --root {out} --version {version}")
+    else:
+        console.print(f"read it with: hilda-prep frames --dataset av2 --root {out} --split train")
+
+
+@app.command("frames")
+@fail_cleanly
+def frames_cmd(
+    dataset: Annotated[str, typer.Option(help="nuscenes or av2")] = "nuscenes",
+    root: Annotated[Path, typer.Option(help="dataset root")] = Path("out/synthetic"),
+    version: Annotated[str, typer.Option(help="nuScenes version folder")] = "v1.0-mini",
+    split: Annotated[str, typer.Option(help="nuScenes: all or a devkit split; AV2: split folder")] = "all",
+    keyframe_every: Annotated[int, typer.Option(min=1, help="AV2: sweeps per keyframe")] = 5,
+    load: Annotated[bool, typer.Option(help="also read every sweep and label file")] = True,
+) -> None:
+    """Read a dataset split back through its devkit and summarise its keyframes."""
+    from hilda.datasets import neighbour_stats, open_dataset
+    from hilda.datasets.classes import COARSE_CLASSES
+    from hilda.datasets.io import read_lidarseg_labels, read_sweep
+
+    if dataset == "av2" and split == "all":
+        split = "train"
+    reader = open_dataset(dataset, str(root), version=version, split=split, keyframe_every=keyframe_every)  # type: ignore[arg-type]
+    frames = reader.frames
+    per_scene: dict[str, list[int]] = {}
+    labels: Counter[int] = Counter()
+    lut = reader.coarse_label_lut if reader.has_labels else None  # type: ignore[attr-defined]
+    for f in frames:
+        n = -1
+        if load:
+            pts = read_sweep(f.lidar_file, f.token)
+            n = len(pts)
+            if f.labels_file and lut is not None:
+                lab = lut[read_lidarseg_labels(f.labels_file, n, f.token)]
+                labels.update({int(c): int(k) for c, k in enumerate(np.bincount(lab)) if k})
+        per_scene.setdefault(f.scene, []).append(n)
+    table = Table(title=f"{dataset} {root} ({version if dataset == 'nuscenes' else split})")
+    for col in ("scene", "keyframes", "points/sweep", "cameras"):
+        table.add_column(col)
+    cams_by_scene = {f.scene: len(f.cameras) for f in frames}
+    for scene, counts in per_scene.items():
+        pts = f"{int(np.mean(counts)):,}" if load else "-"
+        table.add_row(scene, str(len(counts)), pts, str(cams_by_scene[scene]))
+    console.print(table)
+    stats = neighbour_stats(frames)
+    console.print(
+        f"{stats['frames']} keyframes; {stats['with_prev']} with a previous and {stats['with_next']} "
+        f"with a next keyframe; {stats['with_both']} usable as (t-1, t0, t+1) training samples"
+    )
+    if frames:
+        f = frames[0]
+        console.print(f"cameras: {', '.join(c.name + f' {c.width}x{c.height}' for c in f.cameras)}")
+    if labels:
+        total = sum(labels.values())
+        share = ", ".join(f"{COARSE_CLASSES[c]} {100 * k / total:.1f}%" for c, k in sorted(labels.items()))
+        console.print(f"lidarseg points per class (16-class mapping): {share}")
+
+
+@app.command("validate")
+@fail_cleanly
+def validate_cmd(
+    store: Annotated[str, typer.Option(help="store path or fsspec URL")],
+) -> None:
+    """Check a Zarr cache against this hilda's store layout; list every problem."""
+    from hilda.data_schemas.validate import validate_store
+
+    root = validate_store(store)
+    groups = sorted(k for k in root.group_keys())
+    console.print(f"[green]ok[/]: {store} (schema {root.attrs['schema_version']}, groups {groups})")

@@ -1,0 +1,182 @@
+"""The Zarr training-cache layout (DESIGN.md, "The store") written down as code.
+
+Every group, array, dtype, symbolic shape and chunk rule of the cache lives here, so the
+pipeline creates arrays from these specs and ``validate_store`` checks a store against the
+same specs. Layout summary (F keyframes, V cameras, P points, Q point-pixel pairs,
+K stored teacher blocks, (h, w) patch grid, D teacher dim, (H, W) BEV grid):
+
+    index/      token (F) str, scene (F) str, timestamp (F) i64, prev/next (F) i32 (-1 = none),
+                lidar_path (F) str, labels_path (F) str ("" = none), lidar_to_ego (F,4,4) f64,
+                ego_to_global (F,4,4) f64, cam_intrinsics (F,V,3,3) f64, cam_to_ego (F,V,4,4) f64,
+                cam_ego_to_global (F,V,4,4) f64, cam_timestamp (F,V) i64, image_size (F,V,2) i32
+                (width, height), image_path (F,V) str
+    points/     data (P,4) f32 (x, y, z, intensity in the LiDAR frame), offsets (F+1) i64
+    pointmaps/  point (Q) i32, cam (Q) u8, uv (Q,2) f32, depth (Q) f16, offsets (F+1) i64
+    teacher/<name>/  layer_<k> (F,V,h,w,D), cls (F,V,K,D)
+    occupancy/  bev (F,H,W/8) u8 bit-packed, valid (F) bool
+
+Per-frame arrays are chunked one frame per chunk and sharded ``frames_per_shard`` frames per
+shard file; ragged arrays (CSR ``data`` + ``offsets``) are chunked by rows. Each stage group
+has a ``done (S)`` completion map, one element (and one chunk file) per shard, so workers
+that finish different shards never write the same file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = "hilda-cache"
+SCHEMA_VERSION = 1
+DEFAULT_FRAMES_PER_SHARD = 32
+RAGGED_ROW_CHUNK = 1 << 16  # rows per chunk of a ragged array
+RAGGED_ROWS_PER_SHARD = 1 << 22
+
+ROOT_ATTRS = ("schema", "schema_version", "dataset", "version", "split", "created_with")
+
+# A dimension is an int (fixed), or a symbol resolved against the store:
+# "F" frames, "F+1", "V" cameras, "S" shards, or a free symbol ("P", "Q", "h", ...) that must
+# only be consistent between the arrays of one group.
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    dtype: str  # numpy dtype string, or "str" for variable-length UTF-8
+    shape: tuple[Dim, ...]
+    ragged: bool = False  # chunked by rows (CSR data), not one frame per chunk
+
+    def resolve_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """Concrete shape of this array given values for its symbolic dims."""
+        return tuple(resolve_dim(d, dims) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    arrays: tuple[ArraySpec, ...]
+    required_attrs: tuple[str, ...] = ()
+    has_completion_map: bool = True
+
+    def array(self, name: str) -> ArraySpec:
+        for spec in self.arrays:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"group {self.name!r} has no array {name!r}")
+
+
+def resolve_dim(dim: Dim, dims: Mapping[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    if dim == "F+1":
+        return dims["F"] + 1
+    if dim not in dims:
+        raise KeyError(f"dimension {dim!r} is not known; pass it in dims")
+    return dims[dim]
+
+
+INDEX = GroupSpec(
+    name="index",
+    arrays=(
+        ArraySpec("token", "str", ("F",)),
+        ArraySpec("scene", "str", ("F",)),
+        ArraySpec("timestamp", "int64", ("F",)),
+        ArraySpec("prev", "int32", ("F",)),
+        ArraySpec("next", "int32", ("F",)),
+        ArraySpec("lidar_path", "str", ("F",)),
+        ArraySpec("labels_path", "str", ("F",)),
+        ArraySpec("lidar_to_ego", "float64", ("F", 4, 4)),
+        ArraySpec("ego_to_global", "float64", ("F", 4, 4)),
+        ArraySpec("cam_intrinsics", "float64", ("F", "V", 3, 3)),
+        ArraySpec("cam_to_ego", "float64", ("F", "V", 4, 4)),
+        ArraySpec("cam_ego_to_global", "float64", ("F", "V", 4, 4)),
+        ArraySpec("cam_timestamp", "int64", ("F", "V")),
+        ArraySpec("image_size", "int32", ("F", "V", 2)),
+        ArraySpec("image_path", "str", ("F", "V")),
+    ),
+    required_attrs=("cameras", "num_frames", "frames_per_shard", "dataset_root"),
+)
+
+POINTS = GroupSpec(
+    name="points",
+    arrays=(
+        ArraySpec("data", "float32", ("P", 4), ragged=True),
+        ArraySpec("offsets", "int64", ("F+1",)),
+    ),
+    required_attrs=("columns", "frame"),
+)
+
+POINTMAPS = GroupSpec(
+    name="pointmaps",
+    arrays=(
+        ArraySpec("point", "int32", ("Q",), ragged=True),
+        ArraySpec("cam", "uint8", ("Q",), ragged=True),
+        ArraySpec("uv", "float32", ("Q", 2), ragged=True),
+        ArraySpec("depth", "float16", ("Q",), ragged=True),
+        ArraySpec("offsets", "int64", ("F+1",)),
+    ),
+    required_attrs=("occlusion", "min_depth", "border_px"),
+)
+
+TEACHER_ATTRS = (
+    "model_id",
+    "weights_hash",
+    "blocks",
+    "image_size",
+    "patch_size",
+    "grid",
+    "dim",
+    "norm",
+    "codec",
+)
+
+
+def teacher_group(name: str, blocks: Iterable[int], dtype: str = "float16") -> GroupSpec:
+    """Spec of ``teacher/<name>`` for the given stored block indices and storage dtype."""
+    blocks = tuple(blocks)
+    arrays = tuple(ArraySpec(f"layer_{k}", dtype, ("F", "V", "h", "w", "D")) for k in blocks)
+    arrays += (ArraySpec("cls", "float32", ("F", "V", len(blocks), "D")),)
+    return GroupSpec(name=f"teacher/{name}", arrays=arrays, required_attrs=TEACHER_ATTRS)
+
+
+OCCUPANCY = GroupSpec(
+    name="occupancy",
+    arrays=(
+        ArraySpec("bev", "uint8", ("F", "H", "W8")),
+        ArraySpec("valid", "bool", ("F",)),
+    ),
+    required_attrs=("grid", "cell", "range", "ground_rule", "horizon"),
+)
+
+STAGE_GROUPS: tuple[GroupSpec, ...] = (INDEX, POINTS, POINTMAPS, OCCUPANCY)
+
+
+def num_shards(num_frames: int, frames_per_shard: int) -> int:
+    return max(1, math.ceil(num_frames / frames_per_shard))
+
+
+def array_layout(
+    spec: ArraySpec, dims: Mapping[str, int], frames_per_shard: int
+) -> dict[str, Any]:
+    """Keyword arguments for ``zarr.Group.create_array`` that realise ``spec``.
+
+    Per-frame arrays: one frame per chunk, ``frames_per_shard`` frames per shard (the last
+    shard may be partial). Ragged arrays: ``RAGGED_ROW_CHUNK`` rows per chunk.
+    """
+    shape = spec.resolve_shape(dims)
+    if spec.ragged:
+        rows = max(1, min(RAGGED_ROW_CHUNK, shape[0]))
+        chunks = (rows, *shape[1:])
+        shards = (max(rows, min(RAGGED_ROWS_PER_SHARD, math.ceil(shape[0] / rows) * rows)),)
+        shards = (shards[0], *shape[1:])
+    elif spec.shape and spec.shape[0] == "F":
+        chunks = (1, *shape[1:])
+        shards = (frames_per_shard, *shape[1:])
+    else:  # small whole arrays (offsets, completion maps)
+        chunks = (max(1, shape[0]), *shape[1:]) if shape else ()
+        shards = None
+    dtype: Any = str if spec.dtype == "str" else spec.dtype
+    return {"name": spec.name, "shape": shape, "dtype": dtype, "chunks": chunks, "shards": shards}

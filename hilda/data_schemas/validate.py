@@ -1,0 +1,176 @@
+"""``validate_store``: check a Zarr cache against the layout of ``store.py``.
+
+Every later stage calls this before it reads or writes. It collects every violation and
+reports them in one message, so a user fixes a store in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import zarr
+
+from hilda.data_schemas.store import (
+    INDEX,
+    ROOT_ATTRS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STAGE_GROUPS,
+    GroupSpec,
+    num_shards,
+    teacher_group,
+)
+from hilda.errors import HildaError
+
+
+class StoreValidationError(HildaError):
+    """The store does not match the cache layout; ``problems`` lists every violation."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"store {path} is not a valid hilda cache ({len(problems)} problems):\n{lines}")
+
+
+def _dtype_name(arr: Any) -> str:
+    dt = np.dtype(arr.dtype)
+    if dt.kind in ("O", "T", "U"):
+        return "str"
+    return dt.name
+
+
+def _check_group(
+    root: zarr.Group, spec: GroupSpec, dims: dict[str, int], problems: list[str]
+) -> None:
+    try:
+        group = root[spec.name]
+    except KeyError:
+        problems.append(f"group {spec.name}/ is missing")
+        return
+    if not isinstance(group, zarr.Group):
+        problems.append(f"{spec.name} is an array, expected a group")
+        return
+    attrs = dict(group.attrs)
+    for key in spec.required_attrs:
+        if key not in attrs:
+            problems.append(f"{spec.name}/ lacks the attribute {key!r}")
+    free: dict[str, int] = {}  # free symbols must agree between the arrays of one group
+    names = [a.name for a in spec.arrays]
+    if spec.has_completion_map:
+        names.append("done")
+    for name in names:
+        path = f"{spec.name}/{name}"
+        try:
+            arr = group[name]
+        except KeyError:
+            problems.append(f"array {path} is missing")
+            continue
+        if name == "done":
+            expected = (num_shards(dims["F"], dims["frames_per_shard"]),)
+            if _dtype_name(arr) != "bool" or tuple(arr.shape) != expected:
+                problems.append(
+                    f"array {path}: completion map must be bool {expected}, "
+                    f"got {_dtype_name(arr)} {tuple(arr.shape)}"
+                )
+            continue
+        aspec = spec.array(name)
+        if _dtype_name(arr) != aspec.dtype:
+            problems.append(f"array {path}: dtype {_dtype_name(arr)}, expected {aspec.dtype}")
+        shape = tuple(arr.shape)
+        if len(shape) != len(aspec.shape):
+            problems.append(f"array {path}: {len(shape)} dims {shape}, expected {aspec.shape}")
+            continue
+        for axis, (got, want) in enumerate(zip(shape, aspec.shape, strict=True)):
+            if isinstance(want, int) or want in ("F", "F+1", "V"):
+                expect = want if isinstance(want, int) else (
+                    dims["F"] + 1 if want == "F+1" else dims[want]
+                )
+                if got != expect:
+                    what = "frames count mismatch: " if want in ("F", "F+1") else ""
+                    problems.append(
+                        f"array {path}: {what}axis {axis} is {got}, expected {want}={expect}"
+                    )
+            elif free.setdefault(want, got) != got:
+                problems.append(
+                    f"array {path}: axis {axis} is {got}, but {want}={free[want]} elsewhere "
+                    f"in {spec.name}/"
+                )
+
+
+def validate_store(
+    path: str,
+    *,
+    require: Iterable[str] = ("index",),
+    dataset: str | None = None,
+    teacher: str | None = None,
+) -> zarr.Group:
+    """Check the store at ``path`` (a folder or any fsspec URL zarr accepts).
+
+    ``require`` names the groups that must exist (e.g. ``("index", "points")`` before the
+    point-map stage); every other known group is checked when present. ``dataset`` refuses a
+    store built from another dataset; ``teacher`` requires ``teacher/<teacher>``.
+    Returns the opened root group (read-only). Raises ``StoreValidationError`` listing every
+    violation.
+    """
+    try:
+        root = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreValidationError(str(path), [f"no Zarr group at {path} ({exc})"]) from None
+    problems: list[str] = []
+    attrs = dict(root.attrs)
+    for key in ROOT_ATTRS:
+        if key not in attrs:
+            problems.append(f"root lacks the attribute {key!r}")
+    if attrs.get("schema", SCHEMA) != SCHEMA:
+        problems.append(f"schema is {attrs.get('schema')!r}, expected {SCHEMA!r}")
+    if "schema_version" in attrs and attrs["schema_version"] != SCHEMA_VERSION:
+        problems.append(
+            f"schema_version is {attrs['schema_version']}, this hilda reads {SCHEMA_VERSION}: "
+            "rebuild the store with `hilda-prep index --overwrite`"
+        )
+    if dataset is not None and attrs.get("dataset") not in (None, dataset):
+        problems.append(f"store was built from dataset {attrs.get('dataset')!r}, not {dataset!r}")
+
+    dims: dict[str, int] = {}
+    if "index" in root:
+        index_attrs = dict(root["index"].attrs)
+        cameras = index_attrs.get("cameras")
+        dims["F"] = int(index_attrs.get("num_frames", -1))
+        dims["V"] = len(cameras) if isinstance(cameras, list) else -1
+        dims["frames_per_shard"] = int(index_attrs.get("frames_per_shard", 1))
+        if dims["F"] < 0:
+            try:
+                dims["F"] = int(root["index/timestamp"].shape[0])
+            except KeyError:
+                dims["F"] = 0
+        _check_group(root, INDEX, dims, problems)
+    elif "index" in require:
+        problems.append("group index/ is missing: run `hilda-prep index` first")
+
+    require = set(require)
+    if dims:
+        for spec in STAGE_GROUPS[1:]:
+            if spec.name in root:
+                _check_group(root, spec, dims, problems)
+            elif spec.name in require:
+                problems.append(f"group {spec.name}/ is missing: run its `hilda-prep` stage first")
+        teachers = root["teacher"] if "teacher" in root else None
+        names = list(teachers.group_keys()) if teachers is not None else []
+        for name in names:
+            blocks = dict(teachers[name].attrs).get("blocks")
+            if not isinstance(blocks, list):
+                problems.append(f"teacher/{name}/ lacks the attribute 'blocks'")
+                continue
+            dtype = dict(teachers[name].attrs).get("storage_dtype", "float16")
+            _check_group(root, teacher_group(name, blocks, dtype), dims, problems)
+        if teacher is not None and teacher not in names:
+            problems.append(
+                f"teacher/{teacher}/ is missing (present: {names or 'none'}): "
+                "run `hilda-prep extract-teacher` first"
+            )
+    if problems:
+        raise StoreValidationError(str(path), problems)
+    return root

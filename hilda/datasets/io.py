@@ -1,0 +1,105 @@
+"""Reading the raw sensor files of a ``Frame``: sweeps, per-point labels and images.
+
+Bad files raise ``DatasetError`` naming the file (and frame, when given) instead of a
+traceback from deep inside numpy, pyarrow or PIL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hilda.errors import HildaError
+
+NUSCENES_POINT_DIMS = 5  # x, y, z, intensity, ring index (float32)
+
+
+class DatasetError(HildaError):
+    """A dataset file or record is missing or malformed; the message names it."""
+
+
+def _where(path: str | os.PathLike, frame: str | None) -> str:
+    return f"{path}" + (f" (frame {frame})" if frame else "")
+
+
+def require_file(path: str | os.PathLike, what: str, frame: str | None = None) -> None:
+    if not os.path.isfile(path):
+        raise DatasetError(f"missing {what}: {_where(path, frame)}")
+
+
+def _check_points(points: np.ndarray, path: str | os.PathLike, frame: str | None) -> np.ndarray:
+    if len(points) == 0:
+        raise DatasetError(f"empty sweep (0 points): {_where(path, frame)}")
+    bad = ~np.isfinite(points).all(axis=1)
+    if bad.any():
+        raise DatasetError(
+            f"sweep has {int(bad.sum())} of {len(points)} points with NaN or inf "
+            f"(first at row {int(np.argmax(bad))}): {_where(path, frame)}"
+        )
+    return points
+
+
+def read_nuscenes_sweep(path: str | os.PathLike, frame: str | None = None) -> np.ndarray:
+    """(N, 4) float32 x, y, z, intensity in the LiDAR frame, read as nuscenes-devkit does
+    (``LidarPointCloud.from_file``: 5 float32 per point, the first 4 kept)."""
+    from nuscenes.utils.data_classes import LidarPointCloud
+
+    require_file(path, "LiDAR sweep", frame)
+    size = os.path.getsize(path)
+    record = 4 * NUSCENES_POINT_DIMS
+    if size % record:
+        raise DatasetError(
+            f"truncated sweep: {size} bytes is not a whole number of {NUSCENES_POINT_DIMS}-float32 "
+            f"points ({record} bytes each): {_where(path, frame)}"
+        )
+    points = LidarPointCloud.from_file(str(path)).points.T  # (N, 4)
+    return _check_points(np.ascontiguousarray(points, dtype=np.float32), path, frame)
+
+
+def read_av2_sweep(path: str | os.PathLike, frame: str | None = None) -> np.ndarray:
+    """(N, 4) float32 x, y, z (ego frame), intensity of an AV2 ``.feather`` sweep (av2's
+    ``Sweep.from_feather``)."""
+    from av2.structures.sweep import Sweep
+
+    require_file(path, "LiDAR sweep", frame)
+    try:
+        sweep = Sweep.from_feather(Path(path))
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise DatasetError(f"unreadable sweep ({type(exc).__name__}: {exc}): {_where(path, frame)}") from None
+    points = np.column_stack([sweep.xyz, sweep.intensity]).astype(np.float32)
+    return _check_points(points, path, frame)
+
+
+def read_sweep(path: str | os.PathLike, frame: str | None = None) -> np.ndarray:
+    """(N, 4) float32 points of a sweep of either dataset, chosen by the file's suffix."""
+    if str(path).endswith(".feather"):
+        return read_av2_sweep(path, frame)
+    return read_nuscenes_sweep(path, frame)
+
+
+def read_lidarseg_labels(path: str | os.PathLike, num_points: int, frame: str | None = None) -> np.ndarray:
+    """(N,) uint8 nuScenes-lidarseg general-category labels (one byte per point)."""
+    require_file(path, "lidarseg label file", frame)
+    labels = np.fromfile(path, dtype=np.uint8)
+    if len(labels) != num_points:
+        raise DatasetError(
+            f"label file has {len(labels)} labels for a sweep of {num_points} points: "
+            f"{_where(path, frame)}"
+        )
+    return labels
+
+
+def read_image(path: str | os.PathLike, frame: str | None = None, draft: tuple[int, int] | None = None):
+    """Decode a JPEG to an RGB ``PIL.Image``; ``draft`` lets libjpeg decode at reduced size."""
+    from PIL import Image, UnidentifiedImageError
+
+    require_file(path, "camera image", frame)
+    try:
+        with Image.open(path) as img:
+            if draft is not None:
+                img.draft("RGB", draft)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DatasetError(f"corrupt image ({exc}): {_where(path, frame)}") from None

@@ -1,0 +1,159 @@
+"""nuScenes keyframes through nuscenes-devkit, as canonical ``Frame`` records."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from hilda.data_schemas.records import Camera, Frame, RecordError
+from hilda.datasets.classes import coarse_lut_from_mapper
+from hilda.datasets.io import DatasetError, require_file
+from hilda.geometry import pose_to_transform
+
+CAMERAS: tuple[str, ...] = (
+    "CAM_FRONT",
+    "CAM_FRONT_RIGHT",
+    "CAM_BACK_RIGHT",
+    "CAM_BACK",
+    "CAM_BACK_LEFT",
+    "CAM_FRONT_LEFT",
+)
+LIDAR = "LIDAR_TOP"
+MAX_NEIGHBOUR_GAP_US = 1_000_000  # keyframes are 0.5 s apart; a larger gap means a dropped sample
+
+
+@dataclass(frozen=True)
+class NuScenesSource:
+    root: str
+    version: str = "v1.0-mini"
+    split: str = "all"  # "all", or a devkit split: train, val, test, mini_train, mini_val, ...
+
+
+def _transform(record: dict) -> np.ndarray:
+    return pose_to_transform(record["rotation"], record["translation"])
+
+
+class NuScenesReader:
+    """Keyframes of one split of a nuScenes version, in scene order.
+
+    ``split="all"`` takes every scene of the version (what mini and test versions need);
+    a devkit split name (``create_splits_scenes``) takes those scenes in the devkit's order.
+    """
+
+    def __init__(self, source: NuScenesSource) -> None:
+        from nuscenes.nuscenes import NuScenes
+        from nuscenes.utils.splits import create_splits_scenes
+
+        self.source = source
+        table_root = os.path.join(source.root, source.version)
+        if not os.path.isdir(table_root):
+            raise DatasetError(
+                f"nuScenes version folder {table_root} does not exist "
+                f"(root {source.root}, version {source.version})"
+            )
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.nusc = NuScenes(version=source.version, dataroot=source.root, verbose=False)
+        except (AssertionError, KeyError, FileNotFoundError, ValueError) as exc:
+            raise DatasetError(f"nuscenes-devkit cannot load {table_root}: {exc}") from None
+        scenes = list(self.nusc.scene)
+        if source.split != "all":
+            splits = create_splits_scenes(verbose=False)
+            if source.split not in splits:
+                raise DatasetError(
+                    f"unknown nuScenes split {source.split!r}; use 'all' or one of {sorted(splits)}"
+                )
+            by_name = {s["name"]: s for s in scenes}
+            scenes = [by_name[n] for n in splits[source.split] if n in by_name]
+            if not scenes:
+                raise DatasetError(
+                    f"split {source.split!r} has no scenes in {table_root} "
+                    f"(a mini or test version needs --split all or mini_train/mini_val)"
+                )
+        self.has_labels = hasattr(self.nusc, "lidarseg")
+        self.frames: list[Frame] = self._build(scenes)
+
+    @property
+    def coarse_label_lut(self) -> np.ndarray:
+        """(256,) uint8: general lidarseg label -> 16-class index (0 = ignore), from the
+        devkit's ``LidarsegClassMapper``."""
+        from nuscenes.eval.lidarseg.utils import LidarsegClassMapper
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            mapper = LidarsegClassMapper(self.nusc)
+        return coarse_lut_from_mapper(mapper.get_fine_idx_2_coarse_idx())
+
+    def _camera(self, sd_token: str, frame: str) -> Camera:
+        sd = self.nusc.get("sample_data", sd_token)
+        cs = self.nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+        pose = self.nusc.get("ego_pose", sd["ego_pose_token"])
+        path = os.path.join(self.source.root, sd["filename"])
+        require_file(path, f"{sd['channel']} image", frame)
+        return Camera(
+            name=sd["channel"],
+            image_file=path,
+            width=int(sd["width"]),
+            height=int(sd["height"]),
+            intrinsics=np.asarray(cs["camera_intrinsic"], dtype=np.float64),
+            cam_to_ego=_transform(cs),
+            ego_to_global=_transform(pose),
+            timestamp=int(sd["timestamp"]),
+        )
+
+    def _build(self, scenes: list[dict]) -> list[Frame]:
+        samples: list[tuple[dict, dict]] = []
+        for scene in scenes:
+            tok = scene["first_sample_token"]
+            while tok:
+                sample = self.nusc.get("sample", tok)
+                samples.append((scene, sample))
+                tok = sample["next"]
+        row_of = {s["token"]: i for i, (_, s) in enumerate(samples)}
+        frames = []
+        for scene, sample in samples:
+            tok = sample["token"]
+            if LIDAR not in sample["data"]:
+                raise DatasetError(f"sample {tok} of {scene['name']} has no {LIDAR} sweep")
+            sd = self.nusc.get("sample_data", sample["data"][LIDAR])
+            lidar_path = os.path.join(self.source.root, sd["filename"])
+            require_file(lidar_path, "LiDAR sweep", tok)
+            cs = self.nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+            pose = self.nusc.get("ego_pose", sd["ego_pose_token"])
+            labels = None
+            if self.has_labels:
+                try:
+                    rec = self.nusc.get("lidarseg", sd["token"])
+                    labels = os.path.join(self.source.root, rec["filename"])
+                except KeyError:
+                    labels = None
+            try:
+                cameras = tuple(self._camera(sample["data"][c], tok) for c in CAMERAS if c in sample["data"])
+                frames.append(
+                    Frame(
+                        token=tok,
+                        scene=scene["name"],
+                        timestamp=int(sd["timestamp"]),
+                        lidar_file=lidar_path,
+                        lidar_to_ego=_transform(cs),
+                        ego_to_global=_transform(pose),
+                        cameras=cameras,
+                        prev=self._neighbour(sample, "prev", row_of),
+                        next=self._neighbour(sample, "next", row_of),
+                        labels_file=labels,
+                        extra={"lidar_sample_data": sd["token"]},
+                    )
+                )
+            except RecordError as exc:
+                raise DatasetError(f"bad calibration in frame {tok} ({scene['name']}): {exc}") from None
+        return frames
+
+    def _neighbour(self, sample: dict, side: str, row_of: dict[str, int]) -> int | None:
+        other = sample[side]
+        if not other or other not in row_of:
+            return None
+        gap = abs(self.nusc.get("sample", other)["timestamp"] - sample["timestamp"])
+        return row_of[other] if gap <= MAX_NEIGHBOUR_GAP_US else None

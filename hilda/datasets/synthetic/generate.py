@@ -1,0 +1,122 @@
+"""Simulate scenes of the synthetic world and write them in the datasets' real on-disk formats.
+
+``make_synthetic`` is what ``hilda-prep make-synthetic`` runs. The simulation (world, LiDAR,
+cameras) is format-independent; ``nuscenes_format`` and ``av2_format`` only serialise it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from hilda.datasets.synthetic.render import (
+    AV2_RIG,
+    NUSCENES_RIG,
+    CameraImage,
+    CameraSpec,
+    LidarSweep,
+    Rig,
+    render_camera,
+    scan_lidar,
+)
+from hilda.datasets.synthetic.world import World, make_world
+from hilda.errors import ConfigError
+
+Format = Literal["nuscenes", "av2"]
+DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {"nuscenes": (800, 450), "av2": (512, 388)}
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    format: Format
+    out: Path
+    scenes: int = 2
+    frames_per_scene: int = 6  # keyframes per scene, 0.5 s apart
+    seed: int = 0
+    image_size: tuple[int, int] | None = None  # (width, height) of landscape cameras
+    version: str = "v1.0-mini"  # nuScenes table version
+    keyframe_every: int = 5  # AV2: sweeps (10 Hz) between keyframes
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.format not in ("nuscenes", "av2"):
+            raise ConfigError(f"format must be 'nuscenes' or 'av2', got {self.format!r}")
+        if self.scenes < 1 or self.frames_per_scene < 1:
+            raise ConfigError("scenes and frames_per_scene must be >= 1")
+        w, h = self.resolved_image_size
+        if w < 16 or h < 16:
+            raise ConfigError(f"image size {w}x{h} is too small (min 16x16)")
+
+    @property
+    def resolved_image_size(self) -> tuple[int, int]:
+        return self.image_size or DEFAULT_IMAGE_SIZE[self.format]
+
+    @property
+    def rig(self) -> Rig:
+        return NUSCENES_RIG if self.format == "nuscenes" else AV2_RIG
+
+
+def token(*parts: object) -> str:
+    """A deterministic 32-hex-digit token (the nuScenes token format)."""
+    return hashlib.md5("/".join(map(str, parts)).encode()).hexdigest()
+
+
+def is_val_scene(index: int, scenes: int) -> bool:
+    """The last fifth of the scenes (at least one when there are two or more) is validation."""
+    return scenes >= 2 and index >= scenes - max(1, scenes // 5)
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    index: int  # sweep index within the scene
+    t_us: int
+    ego_to_global: np.ndarray  # (4, 4) at t_us
+    sweep: LidarSweep
+    keyframe: int | None  # keyframe index, None for intermediate sweeps
+    images: tuple[tuple[CameraSpec, int, np.ndarray, CameraImage], ...]  # (camera, t_us, ego pose, image)
+
+
+def simulate_scene(
+    world: World, rig: Rig, keyframes: int, sweeps_per_keyframe: int, image_size: tuple[int, int],
+    rng: np.random.Generator,
+) -> Iterator[SweepRecord]:
+    """Sweeps at the rig's rate; camera images at every keyframe sweep."""
+    total = (keyframes - 1) * sweeps_per_keyframe + 1
+    for j in range(total):
+        t = world.start_us + j * rig.sweep_period_us
+        key = j // sweeps_per_keyframe if j % sweeps_per_keyframe == 0 else None
+        images = ()
+        if key is not None:
+            images = tuple(
+                (
+                    cam,
+                    t + cam.time_offset_us,
+                    world.ego_to_global(t + cam.time_offset_us),
+                    render_camera(world, cam, *cam.size(image_size), t + cam.time_offset_us),
+                )
+                for cam in rig.cameras
+            )
+        yield SweepRecord(j, t, world.ego_to_global(t), scan_lidar(world, rig, t, rng), key, images)
+
+
+def scene_world(cfg: SyntheticConfig, index: int, start_us: int) -> World:
+    duration = (cfg.frames_per_scene - 1) * cfg.rig.keyframe_period_us * 1e-6
+    return make_world(cfg.seed, index, duration, start_us)
+
+
+def make_synthetic(
+    cfg: SyntheticConfig, progress: Callable[[str], None] | None = None
+) -> dict[str, int]:
+    """Write the synthetic dataset described by ``cfg``; returns counts of what was written."""
+    if cfg.format == "nuscenes":
+        from hilda.datasets.synthetic.nuscenes_format import write_nuscenes
+
+        return write_nuscenes(cfg, progress)
+    from hilda.datasets.synthetic.av2_format import write_av2
+
+    return write_av2(cfg, progress)

@@ -1,0 +1,70 @@
+"""Rigid-transform helpers shared by the readers, the synthetic world and the pipeline.
+
+Pure numpy. Transforms are 4x4 homogeneous matrices named ``a_to_b`` (they map points
+expressed in frame ``a`` into frame ``b``), as in DESIGN.md's store layout.
+Quaternions follow the nuScenes / AV2 convention: (w, x, y, z).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pyquaternion import Quaternion
+
+
+def make_transform(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    """4x4 transform from a (3, 3) rotation and a (3,) translation."""
+    out = np.eye(4)
+    out[:3, :3] = rotation
+    out[:3, 3] = translation
+    return out
+
+
+def quat_to_matrix(q_wxyz: np.ndarray | list[float]) -> np.ndarray:
+    """(3, 3) rotation matrix of a unit quaternion (w, x, y, z), as pyquaternion computes it."""
+    return Quaternion(np.asarray(q_wxyz, dtype=np.float64)).rotation_matrix
+
+
+def matrix_to_quat(rotation: np.ndarray) -> np.ndarray:
+    """Unit quaternion (w, x, y, z) with w >= 0 of a (3, 3) rotation matrix."""
+    q = Quaternion(matrix=np.asarray(rotation, dtype=np.float64), atol=1e-7, rtol=1e-7)
+    arr = np.array(q.elements, dtype=np.float64)
+    return arr if arr[0] >= 0 else -arr
+
+
+def pose_to_transform(q_wxyz: np.ndarray | list[float], t_xyz: np.ndarray | list[float]) -> np.ndarray:
+    """4x4 transform from a quaternion (w, x, y, z) and a translation."""
+    return make_transform(quat_to_matrix(q_wxyz), np.asarray(t_xyz, dtype=np.float64))
+
+
+def invert(transform: np.ndarray) -> np.ndarray:
+    """Inverse of a rigid 4x4 transform (no general matrix inverse: R^T, -R^T t)."""
+    rot = transform[:3, :3]
+    out = np.eye(4)
+    out[:3, :3] = rot.T
+    out[:3, 3] = -rot.T @ transform[:3, 3]
+    return out
+
+
+def apply(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 transform to (N, 3) points; returns (N, 3) in float64."""
+    pts = np.asarray(points, dtype=np.float64)
+    return pts @ transform[:3, :3].T + transform[:3, 3]
+
+
+def yaw_matrix(yaw: float) -> np.ndarray:
+    """(3, 3) rotation about +z by ``yaw`` radians."""
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def is_rigid(transform: np.ndarray, atol: float = 1e-5) -> bool:
+    """True when ``transform`` is a finite 4x4 rigid transform (orthonormal, det +1)."""
+    t = np.asarray(transform)
+    if t.shape != (4, 4) or not np.all(np.isfinite(t)):
+        return False
+    rot = t[:3, :3]
+    return (
+        np.allclose(rot @ rot.T, np.eye(3), atol=atol)
+        and abs(np.linalg.det(rot) - 1.0) < atol
+        and np.allclose(t[3], [0, 0, 0, 1], atol=atol)
+    )

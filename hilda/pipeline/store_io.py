@@ -1,0 +1,62 @@
+"""Creating cache stores and groups from the layout specs (the Zarr I/O edge).
+
+A store is a local folder or any fsspec URL zarr accepts (``memory://``, ``s3://``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+
+import hilda
+from hilda.data_schemas.store import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    GroupSpec,
+    array_layout,
+    num_shards,
+)
+
+
+def init_store(
+    url: str, *, dataset: str, version: str, split: str, overwrite: bool = False
+) -> zarr.Group:
+    """Create the root group with the schema attrs (``mode='w'`` only with ``overwrite``)."""
+    root = zarr.open_group(url, mode="w" if overwrite else "w-")
+    root.attrs.update(
+        {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "dataset": dataset,
+            "version": version,
+            "split": split,
+            "created_with": f"hilda {hilda.__version__}",
+        }
+    )
+    return root
+
+
+def create_group(
+    root: zarr.Group,
+    spec: GroupSpec,
+    dims: Mapping[str, int],
+    frames_per_shard: int,
+    attrs: Mapping[str, Any],
+) -> zarr.Group:
+    """Create ``spec``'s group with every array laid out per the spec, plus its completion map."""
+    group = root.require_group(spec.name)
+    group.attrs.update(dict(attrs))
+    for aspec in spec.arrays:
+        kwargs = array_layout(aspec, dims, frames_per_shard)
+        fill = "" if aspec.dtype == "str" else 0
+        group.create_array(**kwargs, fill_value=fill, overwrite=True)
+    if spec.has_completion_map:
+        shards = num_shards(dims["F"], frames_per_shard)
+        done = group.create_array(
+            name="done", shape=(shards,), dtype="bool", chunks=(1,), fill_value=False, overwrite=True
+        )
+        done[:] = np.zeros(shards, dtype=bool)
+    return group

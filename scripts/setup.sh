@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with hilda and its dependencies.
+# Re-running it is cheap: it reinstalls only when pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=.venv
+STAMP=$VENV/.hilda-setup-stamp
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "[setup] .venv is up to date (delete .venv/.hilda-setup-stamp to force a reinstall)"
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+echo "[setup] installing torch (CPU build 2.13.0; set HILDA_TORCH_SPEC to override)"
+$PIP install -q ${HILDA_TORCH_SPEC:-torch==2.13.0}
+echo "[setup] installing hilda (editable) with its dependencies and the dev tools"
+$PIP install -q -e ".[dev]"
+$VENV/bin/python -c "import hilda, nuscenes, av2, zarr, dask.distributed; print('[setup] ok: hilda', hilda.__version__, '| zarr', zarr.__version__)"
+echo "$want" > "$STAMP"

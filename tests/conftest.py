@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic datasets in both formats, generated once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hilda.datasets.synthetic.generate import SyntheticConfig, make_synthetic
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL_KEYFRAME = SHARED / "realdata" / "nuscenes-keyframe"
+
+NUSCENES_CFG = dict(format="nuscenes", scenes=2, frames_per_scene=3, seed=3, image_size=(192, 108))
+AV2_CFG = dict(format="av2", scenes=2, frames_per_scene=2, seed=5, image_size=(128, 96), keyframe_every=5)
+
+
+@pytest.fixture(scope="session")
+def nusc_cfg(tmp_path_factory: pytest.TempPathFactory) -> SyntheticConfig:
+    cfg = SyntheticConfig(out=tmp_path_factory.mktemp("syn_nuscenes"), **NUSCENES_CFG)
+    make_synthetic(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def av2_cfg(tmp_path_factory: pytest.TempPathFactory) -> SyntheticConfig:
+    cfg = SyntheticConfig(out=tmp_path_factory.mktemp("syn_av2"), **AV2_CFG)
+    make_synthetic(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def real_keyframe() -> Path:
+    if not REAL_KEYFRAME.is_dir():
+        pytest.skip(f"real nuScenes keyframe not found at {REAL_KEYFRAME}")
+    return REAL_KEYFRAME

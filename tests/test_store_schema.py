@@ -1,0 +1,88 @@
+"""The store layout as code, and validate_store, over a local folder and a memory:// URL."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from hilda.data_schemas.store import INDEX, OCCUPANCY, POINTS, array_layout, teacher_group
+from hilda.data_schemas.validate import StoreValidationError, validate_store
+from hilda.pipeline.store_io import create_group, init_store
+
+F, V, FPS = 5, 6, 2
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "cache.zarr")
+    return f"memory://hilda-test-{uuid.uuid4().hex}"
+
+
+def _make(url: str) -> zarr.Group:
+    root = init_store(url, dataset="nuscenes", version="v1.0-mini", split="all")
+    dims = {"F": F, "V": V}
+    attrs = {"cameras": [f"C{i}" for i in range(V)], "num_frames": F, "frames_per_shard": FPS,
+             "dataset_root": "/data"}
+    create_group(root, INDEX, dims, FPS, attrs)
+    create_group(root, POINTS, {**dims, "P": 1000}, FPS, {"columns": ["x", "y", "z", "i"], "frame": "lidar"})
+    return root
+
+
+def test_valid_store_passes(store_url: str) -> None:
+    _make(store_url)
+    root = validate_store(store_url, require=("index", "points"))
+    assert root["index/cam_to_ego"].shape == (F, V, 4, 4)
+    assert root["index/done"].shape == (3,)
+
+
+def test_every_violation_reported_at_once(store_url: str) -> None:
+    root = _make(store_url)
+    root.attrs["schema_version"] = 999
+    del root["points"]["offsets"]
+    root["points"].create_array("offsets", shape=(F + 3,), dtype="int64", chunks=(F + 3,))
+    del root["index"]["timestamp"]
+    root["index"].create_array("timestamp", shape=(F,), dtype="float32", chunks=(1,))
+    del root["index"]["cam_to_ego"]
+    with pytest.raises(StoreValidationError) as info:
+        validate_store(store_url, require=("index", "points", "occupancy"), teacher="dinov2_vits14")
+    msg = str(info.value)
+    assert "schema_version is 999" in msg
+    assert "array index/cam_to_ego is missing" in msg
+    assert "index/timestamp: dtype float32, expected int64" in msg
+    assert "points/offsets: frames count mismatch" in msg
+    assert "group occupancy/ is missing" in msg
+    assert "teacher/dinov2_vits14/ is missing" in msg
+    assert len(info.value.problems) == 6
+
+
+def test_other_dataset_and_missing_store(tmp_path: Path, store_url: str) -> None:
+    _make(store_url)
+    with pytest.raises(StoreValidationError, match="built from dataset 'nuscenes', not 'av2'"):
+        validate_store(store_url, dataset="av2")
+    with pytest.raises(StoreValidationError, match="no Zarr group"):
+        validate_store(str(tmp_path / "nope.zarr"))
+
+
+def test_teacher_group_checked(store_url: str) -> None:
+    root = _make(store_url)
+    spec = teacher_group("vits", [10, 11])
+    attrs = {k: 0 for k in spec.required_attrs} | {"blocks": [10, 11]}
+    create_group(root, spec, {"F": F, "V": V, "h": 16, "w": 32, "D": 384}, FPS, attrs)
+    validate_store(store_url, teacher="vits")
+    del root["teacher/vits"]["layer_11"]
+    root["teacher/vits"].create_array("layer_11", shape=(F, V, 16, 31, 384), dtype="float16", chunks=(1, V, 16, 31, 384))
+    with pytest.raises(StoreValidationError, match="layer_11: axis 3 is 31, but w=32"):
+        validate_store(store_url)
+
+
+def test_layout_chunks_one_frame_and_shards() -> None:
+    kw = array_layout(OCCUPANCY.array("bev"), {"F": 100, "H": 512, "W8": 64}, 32)
+    assert kw["chunks"] == (1, 512, 64) and kw["shards"] == (32, 512, 64)
+    ragged = array_layout(POINTS.array("data"), {"F": 100, "P": 3_000_000}, 32)
+    assert ragged["chunks"][0] == 1 << 16 and ragged["shards"][0] % ragged["chunks"][0] == 0
+    assert np.dtype(array_layout(INDEX.array("token"), {"F": 3}, 32)["dtype"]).kind == "U"
