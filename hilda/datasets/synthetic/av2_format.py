@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,9 +85,10 @@ def write_av2(cfg: SyntheticConfig, progress: Callable[[str], None] | None = Non
         poses: dict[int, np.ndarray] = {}
         rng = np.random.default_rng([cfg.seed, si, 11])
         lidar_to_ego = rig.lidar.lidar_to_ego()
-        records = simulate_scene(
-            world, rig, cfg.frames_per_scene, cfg.keyframe_every, (width, height), rng
-        )
+        # AV2 sweeps are 10 Hz: a keyframe every k sweeps is k * 100 ms apart.
+        per_key = cfg.keyframe_every
+        rig = replace(rig, keyframe_period_us=per_key * rig.sweep_period_us)
+        records = simulate_scene(world, rig, cfg.frames_per_scene, per_key, (width, height), rng)
         for rec in records:
             ts_ns = rec.t_us * 1000
             poses[ts_ns] = rec.ego_to_global

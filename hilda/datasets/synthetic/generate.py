@@ -82,13 +82,18 @@ class SweepRecord:
 
 
 def simulate_scene(
-    world: World, rig: Rig, keyframes: int, sweeps_per_keyframe: int, image_size: tuple[int, int],
+    world: World,
+    rig: Rig,
+    keyframes: int,
+    sweeps_per_keyframe: int,
+    image_size: tuple[int, int],
     rng: np.random.Generator,
 ) -> Iterator[SweepRecord]:
-    """Sweeps at the rig's rate; camera images at every keyframe sweep."""
+    """Sweeps every ``keyframe_period / sweeps_per_keyframe``; camera images at keyframes."""
     total = (keyframes - 1) * sweeps_per_keyframe + 1
+    period = rig.keyframe_period_us // sweeps_per_keyframe
     for j in range(total):
-        t = world.start_us + j * rig.sweep_period_us
+        t = world.start_us + j * period
         key = j // sweeps_per_keyframe if j % sweeps_per_keyframe == 0 else None
         images = ()
         if key is not None:

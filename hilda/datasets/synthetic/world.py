@@ -96,7 +96,9 @@ class World:
 
     def ego_to_global(self, t_us: int) -> np.ndarray:
         """(4, 4) ego pose at time t (microseconds): on the ego lane, heading along the road."""
-        s = self.ego_speed * (t_us - self.start_us) * 1e-6
+        lane_radius = self.road.radius - self.road.turn * EGO_LANE
+        # ego_speed is the speed along the ego lane; s is measured on the centre line.
+        s = self.ego_speed * (t_us - self.start_us) * 1e-6 * self.road.radius / lane_radius
         xy = self.road.point(s, EGO_LANE)
         return make_transform(yaw_matrix(float(self.road.heading(s))), np.array([*xy, 0.0]))
 
