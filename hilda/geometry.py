@@ -25,13 +25,21 @@ def quat_to_matrix(q_wxyz: np.ndarray | list[float]) -> np.ndarray:
 
 
 def matrix_to_quat(rotation: np.ndarray) -> np.ndarray:
-    """Unit quaternion (w, x, y, z) with w >= 0 of a (3, 3) rotation matrix."""
-    q = Quaternion(matrix=np.asarray(rotation, dtype=np.float64), atol=1e-7, rtol=1e-7)
+    """Unit quaternion (w, x, y, z) with w >= 0 of a (3, 3) rotation matrix.
+
+    The matrix is first projected onto the nearest rotation (SVD), so matrices stored in
+    float32 (as dataset exports often are) convert without pyquaternion's orthogonality error.
+    """
+    u, _, vt = np.linalg.svd(np.asarray(rotation, dtype=np.float64))
+    nearest = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+    q = Quaternion(matrix=nearest, atol=1e-9, rtol=1e-9)
     arr = np.array(q.elements, dtype=np.float64)
     return arr if arr[0] >= 0 else -arr
 
 
-def pose_to_transform(q_wxyz: np.ndarray | list[float], t_xyz: np.ndarray | list[float]) -> np.ndarray:
+def pose_to_transform(
+    q_wxyz: np.ndarray | list[float], t_xyz: np.ndarray | list[float]
+) -> np.ndarray:
     """4x4 transform from a quaternion (w, x, y, z) and a translation."""
     return make_transform(quat_to_matrix(q_wxyz), np.asarray(t_xyz, dtype=np.float64))
 

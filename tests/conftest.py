@@ -12,7 +12,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_KEYFRAME = SHARED / "realdata" / "nuscenes-keyframe"
 
 NUSCENES_CFG = dict(format="nuscenes", scenes=2, frames_per_scene=3, seed=3, image_size=(192, 108))
-AV2_CFG = dict(format="av2", scenes=2, frames_per_scene=2, seed=5, image_size=(128, 96), keyframe_every=5)
+AV2_CFG = dict(
+    format="av2", scenes=2, frames_per_scene=2, seed=5, image_size=(128, 96), keyframe_every=5
+)
 
 
 @pytest.fixture(scope="session")

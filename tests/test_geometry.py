@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from hilda.geometry import apply, invert, is_rigid, make_transform, matrix_to_quat, pose_to_transform, yaw_matrix
+from hilda.geometry import (
+    apply,
+    invert,
+    is_rigid,
+    make_transform,
+    matrix_to_quat,
+    pose_to_transform,
+    yaw_matrix,
+)
 
 
 @pytest.mark.parametrize("yaw", [-3.0, -0.4, 0.0, 1.2, 3.1])

@@ -8,9 +8,9 @@ import pytest
 from hilda.datasets import neighbour_stats, open_dataset
 from hilda.datasets.classes import COARSE_CLASSES
 from hilda.datasets.io import read_lidarseg_labels, read_sweep
+from hilda.datasets.synthetic.av2_format import SCENE_START_NS
 from hilda.datasets.synthetic.generate import SyntheticConfig, scene_world
 from hilda.datasets.synthetic.nuscenes_format import SCENE_START_US
-from hilda.datasets.synthetic.av2_format import SCENE_START_NS
 from hilda.datasets.synthetic.render import scan_lidar
 
 
@@ -34,14 +34,18 @@ def test_nuscenes_reader_geometry(nusc_cfg: SyntheticConfig) -> None:
         start = SCENE_START_US + scene * 3_600_000_000
         world, sweep = _expected_sweep(nusc_cfg, scene, key, start, 1)
         assert frame.timestamp == start + key * 500_000
-        np.testing.assert_allclose(frame.ego_to_global, world.ego_to_global(frame.timestamp), atol=1e-6)
+        np.testing.assert_allclose(
+            frame.ego_to_global, world.ego_to_global(frame.timestamp), atol=1e-6
+        )
         np.testing.assert_allclose(frame.lidar_to_ego, nusc_cfg.rig.lidar.lidar_to_ego(), atol=1e-6)
         assert frame.camera_names == tuple(c.name for c in nusc_cfg.rig.cameras)
         for cam, spec in zip(frame.cameras, nusc_cfg.rig.cameras, strict=True):
             assert cam.timestamp == frame.timestamp + spec.time_offset_us
             np.testing.assert_allclose(cam.intrinsics, spec.intrinsics(w, h), atol=1e-6)
             np.testing.assert_allclose(cam.cam_to_ego, spec.cam_to_ego(), atol=1e-6)
-            np.testing.assert_allclose(cam.ego_to_global, world.ego_to_global(cam.timestamp), atol=1e-6)
+            np.testing.assert_allclose(
+                cam.ego_to_global, world.ego_to_global(cam.timestamp), atol=1e-6
+            )
             assert (cam.width, cam.height) == (w, h)
         points = read_sweep(frame.lidar_file, frame.token)
         assert points.shape == (len(sweep.points), 4) and points.dtype == np.float32
@@ -71,7 +75,9 @@ def test_nuscenes_splits_and_labels(nusc_cfg: SyntheticConfig) -> None:
 def test_av2_reader_geometry(av2_cfg: SyntheticConfig) -> None:
     from hilda.datasets.synthetic.av2_format import log_id_of
 
-    reader = open_dataset("av2", str(av2_cfg.out), split="train", keyframe_every=av2_cfg.keyframe_every)
+    reader = open_dataset(
+        "av2", str(av2_cfg.out), split="train", keyframe_every=av2_cfg.keyframe_every
+    )
     frames = reader.frames
     assert len(frames) == av2_cfg.frames_per_scene  # one train log
     assert {f.scene for f in frames} == {log_id_of(av2_cfg.seed, 0)}
@@ -81,19 +87,30 @@ def test_av2_reader_geometry(av2_cfg: SyntheticConfig) -> None:
         world, sweep = _expected_sweep(av2_cfg, 0, key, start_us, av2_cfg.keyframe_every)
         assert frame.timestamp == start_us + key * 500_000
         np.testing.assert_array_equal(frame.lidar_to_ego, np.eye(4))
-        np.testing.assert_allclose(frame.ego_to_global, world.ego_to_global(frame.timestamp), atol=1e-6)
+        np.testing.assert_allclose(
+            frame.ego_to_global, world.ego_to_global(frame.timestamp), atol=1e-6
+        )
         assert len(frame.cameras) == 7
         for cam, spec in zip(frame.cameras, av2_cfg.rig.cameras, strict=True):
             assert cam.name == spec.name
             assert cam.timestamp == frame.timestamp + spec.time_offset_us
             assert (cam.width, cam.height) == spec.size((w, h))
-            np.testing.assert_allclose(cam.intrinsics, spec.intrinsics(*spec.size((w, h))), atol=1e-6)
+            np.testing.assert_allclose(
+                cam.intrinsics, spec.intrinsics(*spec.size((w, h))), atol=1e-6
+            )
             np.testing.assert_allclose(cam.cam_to_ego, spec.cam_to_ego(), atol=1e-6)
-            np.testing.assert_allclose(cam.ego_to_global, world.ego_to_global(cam.timestamp), atol=1e-6)
+            np.testing.assert_allclose(
+                cam.ego_to_global, world.ego_to_global(cam.timestamp), atol=1e-6
+            )
         points = read_sweep(frame.lidar_file, frame.token)
         assert len(points) == len(sweep.points)
-        ego = sweep.points @ av2_cfg.rig.lidar.lidar_to_ego()[:3, :3].T + av2_cfg.rig.lidar.lidar_to_ego()[:3, 3]
-        np.testing.assert_allclose(points[:, :3], ego.astype(np.float16), atol=1e-6)  # AV2 stores fp16
+        ego = (
+            sweep.points @ av2_cfg.rig.lidar.lidar_to_ego()[:3, :3].T
+            + av2_cfg.rig.lidar.lidar_to_ego()[:3, 3]
+        )
+        np.testing.assert_allclose(
+            points[:, :3], ego.astype(np.float16), atol=1e-6
+        )  # AV2 stores fp16
         assert frame.prev == (key - 1 if key > 0 else None)
     val = open_dataset("av2", str(av2_cfg.out), split="val")
     assert {f.scene for f in val.frames} == {log_id_of(av2_cfg.seed, 1)}

@@ -6,9 +6,14 @@ from hilda.data_schemas.records import Camera, Frame, RecordError
 
 def _camera(**kw) -> Camera:
     args = dict(
-        name="CAM_FRONT", image_file="/x.jpg", width=100, height=50,
+        name="CAM_FRONT",
+        image_file="/x.jpg",
+        width=100,
+        height=50,
         intrinsics=np.array([[50.0, 0, 50], [0, 50, 25], [0, 0, 1]]),
-        cam_to_ego=np.eye(4), ego_to_global=np.eye(4), timestamp=1,
+        cam_to_ego=np.eye(4),
+        ego_to_global=np.eye(4),
+        timestamp=1,
     )
     args.update(kw)
     return Camera(**args)

@@ -26,10 +26,16 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def _make(url: str) -> zarr.Group:
     root = init_store(url, dataset="nuscenes", version="v1.0-mini", split="all")
     dims = {"F": F, "V": V}
-    attrs = {"cameras": [f"C{i}" for i in range(V)], "num_frames": F, "frames_per_shard": FPS,
-             "dataset_root": "/data"}
+    attrs = {
+        "cameras": [f"C{i}" for i in range(V)],
+        "num_frames": F,
+        "frames_per_shard": FPS,
+        "dataset_root": "/data",
+    }
     create_group(root, INDEX, dims, FPS, attrs)
-    create_group(root, POINTS, {**dims, "P": 1000}, FPS, {"columns": ["x", "y", "z", "i"], "frame": "lidar"})
+    create_group(
+        root, POINTS, {**dims, "P": 1000}, FPS, {"columns": ["x", "y", "z", "i"], "frame": "lidar"}
+    )
     return root
 
 
@@ -75,7 +81,9 @@ def test_teacher_group_checked(store_url: str) -> None:
     create_group(root, spec, {"F": F, "V": V, "h": 16, "w": 32, "D": 384}, FPS, attrs)
     validate_store(store_url, teacher="vits")
     del root["teacher/vits"]["layer_11"]
-    root["teacher/vits"].create_array("layer_11", shape=(F, V, 16, 31, 384), dtype="float16", chunks=(1, V, 16, 31, 384))
+    root["teacher/vits"].create_array(
+        "layer_11", shape=(F, V, 16, 31, 384), dtype="float16", chunks=(1, V, 16, 31, 384)
+    )
     with pytest.raises(StoreValidationError, match="layer_11: axis 3 is 31, but w=32"):
         validate_store(store_url)
 

@@ -17,7 +17,8 @@ from hilda.datasets.synthetic.world import make_world
 def _digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -25,7 +26,9 @@ def test_deterministic_for_a_seed(tmp_path: Path, nusc_cfg: SyntheticConfig) -> 
     again = SyntheticConfig(**{**nusc_cfg.__dict__, "out": tmp_path / "again"})
     make_synthetic(again)
     assert _digest(again.out) == _digest(nusc_cfg.out)
-    other = SyntheticConfig(**{**nusc_cfg.__dict__, "out": tmp_path / "other", "seed": 99, "scenes": 1})
+    other = SyntheticConfig(
+        **{**nusc_cfg.__dict__, "out": tmp_path / "other", "seed": 99, "scenes": 1}
+    )
     make_synthetic(other)
     a = sorted((nusc_cfg.out / "samples" / "LIDAR_TOP").iterdir())[0]
     b = sorted((other.out / "samples" / "LIDAR_TOP").iterdir())[0]
@@ -51,7 +54,13 @@ def test_sweep_density_classes_and_intensity() -> None:
     assert len(sweep.points) >= 10_000
     assert len(np.unique(sweep.ring)) == 32
     present = set(np.unique(sweep.label).tolist())
-    for name in ("flat.driveable_surface", "flat.sidewalk", "static.manmade", "static.vegetation", "vehicle.car"):
+    for name in (
+        "flat.driveable_surface",
+        "flat.sidewalk",
+        "static.manmade",
+        "static.vegetation",
+        "vehicle.car",
+    ):
         assert GENERAL_INDEX[name] in present, name
     assert 0 <= sweep.intensity.min() and sweep.intensity.max() <= 255
     # Ground returns lie on z = 0 in the world: in the LiDAR frame, 1.84 m below the sensor.

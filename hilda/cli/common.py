@@ -18,6 +18,7 @@ err = Console(stderr=True)
 
 def fail_cleanly(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn the project's input errors into one red line and exit code 2, not a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:

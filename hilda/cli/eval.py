@@ -11,9 +11,14 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def main() -> None:
+    """Evaluate a pre-trained backbone."""
+
+
 @app.command("classes")
 def classes_cmd() -> None:
-    """Print the 16 nuScenes-lidarseg evaluation classes and the label-file categories mapped to them."""
+    """Print the 16 nuScenes-lidarseg evaluation classes."""
     from hilda.datasets.classes import COARSE_CLASSES, GENERAL_CATEGORIES
 
     typer.echo("index  class")

@@ -23,19 +23,35 @@ app = typer.Typer(
 console = Console()
 
 
+@app.callback()
+def main() -> None:
+    """Prepare data and the training cache."""
+
+
 @app.command("make-synthetic")
 @fail_cleanly
 def make_synthetic_cmd(
-    format: Annotated[str, typer.Option("--format", help="nuscenes or av2 on-disk format")] = "nuscenes",
-    out: Annotated[Path, typer.Option(help="output folder (the dataset root)")] = Path("out/synthetic"),
+    format: Annotated[
+        str, typer.Option("--format", help="nuscenes or av2 on-disk format")
+    ] = "nuscenes",
+    out: Annotated[Path, typer.Option(help="output folder (the dataset root)")] = Path(
+        "out/synthetic"
+    ),
     scenes: Annotated[int, typer.Option(min=1, help="number of scenes (logs)")] = 2,
-    frames_per_scene: Annotated[int, typer.Option(min=1, help="keyframes per scene, 0.5 s apart")] = 6,
+    frames_per_scene: Annotated[
+        int, typer.Option(min=1, help="keyframes per scene, 0.5 s apart")
+    ] = 6,
     seed: Annotated[int, typer.Option(help="world seed; output is deterministic for a seed")] = 0,
     image_size: Annotated[
-        str | None, typer.Option(help="WxH of landscape cameras (default 800x450 nuscenes, 512x388 av2)")
+        str | None,
+        typer.Option(help="WxH of landscape cameras (default 800x450 nuscenes, 512x388 av2)"),
     ] = None,
-    version: Annotated[str, typer.Option(help="nuScenes table version: v1.0-mini or v1.0-trainval")] = "v1.0-mini",
-    keyframe_every: Annotated[int, typer.Option(min=1, help="AV2: sweeps (10 Hz) per keyframe")] = 5,
+    version: Annotated[
+        str, typer.Option(help="nuScenes table version: v1.0-mini or v1.0-trainval")
+    ] = "v1.0-mini",
+    keyframe_every: Annotated[
+        int, typer.Option(min=1, help="AV2: sweeps (10 Hz) per keyframe")
+    ] = 5,
 ) -> None:
     """Generate the procedural driving world and write it in nuScenes or AV2 format."""
     from hilda.datasets.synthetic.generate import SyntheticConfig, make_synthetic
@@ -57,11 +73,16 @@ def make_synthetic_cmd(
     )
     start = time.perf_counter()
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
         console=console,
     ) as bar:
         task = bar.add_task("keyframes", total=scenes * frames_per_scene)
-        counts = make_synthetic(cfg, progress=lambda msg: bar.update(task, advance=1, description=msg))
+        counts = make_synthetic(
+            cfg, progress=lambda msg: bar.update(task, advance=1, description=msg)
+        )
     table = Table(title=f"wrote {out} in {time.perf_counter() - start:.1f} s")
     table.add_column("item")
     table.add_column("count", justify="right")
@@ -69,7 +90,9 @@ def make_synthetic_cmd(
         table.add_row(key, f"{value:,}")
     console.print(table)
     if format == "nuscenes":
-        console.print(f"read it with: hilda-prep frames --dataset nuscenes --root {out} --version {version}")
+        console.print(
+            f"read it with: hilda-prep frames --dataset nuscenes --root {out} --version {version}"
+        )
     else:
         console.print(f"read it with: hilda-prep frames --dataset av2 --root {out} --split train")
 
@@ -80,7 +103,9 @@ def frames_cmd(
     dataset: Annotated[str, typer.Option(help="nuscenes or av2")] = "nuscenes",
     root: Annotated[Path, typer.Option(help="dataset root")] = Path("out/synthetic"),
     version: Annotated[str, typer.Option(help="nuScenes version folder")] = "v1.0-mini",
-    split: Annotated[str, typer.Option(help="nuScenes: all or a devkit split; AV2: split folder")] = "all",
+    split: Annotated[
+        str, typer.Option(help="nuScenes: all or a devkit split; AV2: split folder")
+    ] = "all",
     keyframe_every: Annotated[int, typer.Option(min=1, help="AV2: sweeps per keyframe")] = 5,
     load: Annotated[bool, typer.Option(help="also read every sweep and label file")] = True,
 ) -> None:
@@ -91,7 +116,9 @@ def frames_cmd(
 
     if dataset == "av2" and split == "all":
         split = "train"
-    reader = open_dataset(dataset, str(root), version=version, split=split, keyframe_every=keyframe_every)  # type: ignore[arg-type]
+    reader = open_dataset(
+        dataset, str(root), version=version, split=split, keyframe_every=keyframe_every
+    )  # type: ignore[arg-type]
     frames = reader.frames
     per_scene: dict[str, list[int]] = {}
     labels: Counter[int] = Counter()
@@ -115,15 +142,18 @@ def frames_cmd(
     console.print(table)
     stats = neighbour_stats(frames)
     console.print(
-        f"{stats['frames']} keyframes; {stats['with_prev']} with a previous and {stats['with_next']} "
-        f"with a next keyframe; {stats['with_both']} usable as (t-1, t0, t+1) training samples"
+        f"{stats['frames']} keyframes; {stats['with_prev']} with a previous and "
+        f"{stats['with_next']} with a next keyframe; {stats['with_both']} usable as "
+        "(t-1, t0, t+1) training samples"
     )
     if frames:
         f = frames[0]
         console.print(f"cameras: {', '.join(c.name + f' {c.width}x{c.height}' for c in f.cameras)}")
     if labels:
         total = sum(labels.values())
-        share = ", ".join(f"{COARSE_CLASSES[c]} {100 * k / total:.1f}%" for c, k in sorted(labels.items()))
+        share = ", ".join(
+            f"{COARSE_CLASSES[c]} {100 * k / total:.1f}%" for c, k in sorted(labels.items())
+        )
         console.print(f"lidarseg points per class (16-class mapping): {share}")
 
 

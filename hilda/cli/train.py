@@ -11,11 +11,20 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def main() -> None:
+    """Pre-train the student on a hilda-prep cache."""
+
+
 @app.command("presets")
 def presets_cmd() -> None:
     """List the YAML presets shipped under configs/."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "configs"
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml")) if root.is_dir() else []
+    files = (
+        sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
+        if root.is_dir()
+        else []
+    )
     typer.echo("\n".join(files) if files else f"no presets under {root} yet")

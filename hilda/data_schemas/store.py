@@ -158,9 +158,7 @@ def num_shards(num_frames: int, frames_per_shard: int) -> int:
     return max(1, math.ceil(num_frames / frames_per_shard))
 
 
-def array_layout(
-    spec: ArraySpec, dims: Mapping[str, int], frames_per_shard: int
-) -> dict[str, Any]:
+def array_layout(spec: ArraySpec, dims: Mapping[str, int], frames_per_shard: int) -> dict[str, Any]:
     """Keyword arguments for ``zarr.Group.create_array`` that realise ``spec``.
 
     Per-frame arrays: one frame per chunk, ``frames_per_shard`` frames per shard (the last

@@ -32,7 +32,9 @@ class StoreValidationError(HildaError):
         self.path = path
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"store {path} is not a valid hilda cache ({len(problems)} problems):\n{lines}")
+        super().__init__(
+            f"store {path} is not a valid hilda cache ({len(problems)} problems):\n{lines}"
+        )
 
 
 def _dtype_name(arr: Any) -> str:
@@ -85,8 +87,10 @@ def _check_group(
             continue
         for axis, (got, want) in enumerate(zip(shape, aspec.shape, strict=True)):
             if isinstance(want, int) or want in ("F", "F+1", "V"):
-                expect = want if isinstance(want, int) else (
-                    dims["F"] + 1 if want == "F+1" else dims[want]
+                expect = (
+                    want
+                    if isinstance(want, int)
+                    else (dims["F"] + 1 if want == "F+1" else dims[want])
                 )
                 if got != expect:
                     what = "frames count mismatch: " if want in ("F", "F+1") else ""

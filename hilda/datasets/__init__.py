@@ -43,5 +43,9 @@ def neighbour_stats(frames: list[Frame]) -> dict[str, int]:
     """How many frames have a previous / next keyframe, and how many have both."""
     prev = np.array([f.prev is not None for f in frames], dtype=bool)
     nxt = np.array([f.next is not None for f in frames], dtype=bool)
-    return {"frames": len(frames), "with_prev": int(prev.sum()), "with_next": int(nxt.sum()),
-            "with_both": int((prev & nxt).sum())}
+    return {
+        "frames": len(frames),
+        "with_prev": int(prev.sum()),
+        "with_next": int(nxt.sum()),
+        "with_both": int((prev & nxt).sum()),
+    }

@@ -68,9 +68,13 @@ class AV2Reader:
             poses = read_city_SE3_ego(log_dir)
             pinholes = {c: self.loader.get_log_pinhole_camera(log_id, c) for c in RING_CAMERAS}
         except KeyError as exc:
-            raise DatasetError(f"calibration of log {log_id} lacks sensor {exc}: {log_dir / 'calibration'}") from None
+            raise DatasetError(
+                f"calibration of log {log_id} lacks sensor {exc}: {log_dir / 'calibration'}"
+            ) from None
         except Exception as exc:
-            raise DatasetError(f"cannot read calibration or poses of log {log_id} ({exc}): {log_dir}") from None
+            raise DatasetError(
+                f"cannot read calibration or poses of log {log_id} ({exc}): {log_dir}"
+            ) from None
         keys = sweeps[:: self.source.keyframe_every]
         frames = []
         for i, ts in enumerate(keys):
@@ -83,11 +87,15 @@ class AV2Reader:
             for cam in RING_CAMERAS:
                 img = self.loader.get_closest_img_fpath(log_id, cam, ts)
                 if img is None:
-                    raise DatasetError(f"missing {cam} image: none within 25 ms of LiDAR time {ts} (frame {tok})")
+                    raise DatasetError(
+                        f"missing {cam} image: none within 25 ms of LiDAR time {ts} (frame {tok})"
+                    )
                 require_file(img, f"{cam} image", tok)
                 cam_ts = int(img.stem)
                 if cam_ts not in poses:
-                    raise DatasetError(f"no ego pose at {cam} time {cam_ts} in {poses_file} (frame {tok})")
+                    raise DatasetError(
+                        f"no ego pose at {cam} time {cam_ts} in {poses_file} (frame {tok})"
+                    )
                 ph = pinholes[cam]
                 cameras.append(
                     dict(

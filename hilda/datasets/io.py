@@ -67,7 +67,9 @@ def read_av2_sweep(path: str | os.PathLike, frame: str | None = None) -> np.ndar
     try:
         sweep = Sweep.from_feather(Path(path))
     except Exception as exc:  # pyarrow raises several types for damaged files
-        raise DatasetError(f"unreadable sweep ({type(exc).__name__}: {exc}): {_where(path, frame)}") from None
+        raise DatasetError(
+            f"unreadable sweep ({type(exc).__name__}: {exc}): {_where(path, frame)}"
+        ) from None
     points = np.column_stack([sweep.xyz, sweep.intensity]).astype(np.float32)
     return _check_points(points, path, frame)
 
@@ -79,7 +81,9 @@ def read_sweep(path: str | os.PathLike, frame: str | None = None) -> np.ndarray:
     return read_nuscenes_sweep(path, frame)
 
 
-def read_lidarseg_labels(path: str | os.PathLike, num_points: int, frame: str | None = None) -> np.ndarray:
+def read_lidarseg_labels(
+    path: str | os.PathLike, num_points: int, frame: str | None = None
+) -> np.ndarray:
     """(N,) uint8 nuScenes-lidarseg general-category labels (one byte per point)."""
     require_file(path, "lidarseg label file", frame)
     labels = np.fromfile(path, dtype=np.uint8)
@@ -91,7 +95,9 @@ def read_lidarseg_labels(path: str | os.PathLike, num_points: int, frame: str | 
     return labels
 
 
-def read_image(path: str | os.PathLike, frame: str | None = None, draft: tuple[int, int] | None = None):
+def read_image(
+    path: str | os.PathLike, frame: str | None = None, draft: tuple[int, int] | None = None
+):
     """Decode a JPEG to an RGB ``PIL.Image``; ``draft`` lets libjpeg decode at reduced size."""
     from PIL import Image, UnidentifiedImageError
 

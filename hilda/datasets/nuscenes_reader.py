@@ -131,7 +131,9 @@ class NuScenesReader:
                 except KeyError:
                     labels = None
             try:
-                cameras = tuple(self._camera(sample["data"][c], tok) for c in CAMERAS if c in sample["data"])
+                cameras = tuple(
+                    self._camera(sample["data"][c], tok) for c in CAMERAS if c in sample["data"]
+                )
                 frames.append(
                     Frame(
                         token=tok,
@@ -148,7 +150,9 @@ class NuScenesReader:
                     )
                 )
             except RecordError as exc:
-                raise DatasetError(f"bad calibration in frame {tok} ({scene['name']}): {exc}") from None
+                raise DatasetError(
+                    f"bad calibration in frame {tok} ({scene['name']}): {exc}"
+                ) from None
         return frames
 
     def _neighbour(self, sample: dict, side: str, row_of: dict[str, int]) -> int | None:

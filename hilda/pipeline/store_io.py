@@ -56,7 +56,12 @@ def create_group(
     if spec.has_completion_map:
         shards = num_shards(dims["F"], frames_per_shard)
         done = group.create_array(
-            name="done", shape=(shards,), dtype="bool", chunks=(1,), fill_value=False, overwrite=True
+            name="done",
+            shape=(shards,),
+            dtype="bool",
+            chunks=(1,),
+            fill_value=False,
+            overwrite=True,
         )
         done[:] = np.zeros(shards, dtype=bool)
     return group

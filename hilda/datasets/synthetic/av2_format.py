@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +37,24 @@ SCENE_START_NS = 315_969_000_000_000_000
 def _pose_row(transform: np.ndarray) -> dict:
     q = matrix_to_quat(transform[:3, :3])
     t = transform[:3, 3]
-    return {"qw": q[0], "qx": q[1], "qy": q[2], "qz": q[3], "tx_m": t[0], "ty_m": t[1], "tz_m": t[2]}
+    return {
+        "qw": q[0],
+        "qx": q[1],
+        "qy": q[2],
+        "qz": q[3],
+        "tx_m": t[0],
+        "ty_m": t[1],
+        "tz_m": t[2],
+    }
 
 
 def log_id_of(seed: int, scene: int) -> str:
     return str(uuid.UUID(token(seed, "av2-log", scene)))
 
 
-def write_av2(cfg: SyntheticConfig, progress: Callable[[str], None] | None = None) -> dict[str, int]:
+def write_av2(
+    cfg: SyntheticConfig, progress: Callable[[str], None] | None = None
+) -> dict[str, int]:
     rig = cfg.rig
     width, height = cfg.resolved_image_size
     counts = {"scenes": 0, "sweeps": 0, "keyframes": 0, "points": 0, "images": 0}
@@ -73,10 +83,22 @@ def write_av2(cfg: SyntheticConfig, progress: Callable[[str], None] | None = Non
             w, h = cam.size((width, height))
             k = cam.intrinsics(w, h)
             intr.append(
-                {"sensor_name": cam.name, "fx_px": k[0, 0], "fy_px": k[1, 1], "cx_px": k[0, 2],
-                 "cy_px": k[1, 2], "k1": 0.0, "k2": 0.0, "k3": 0.0, "height_px": h, "width_px": w}
+                {
+                    "sensor_name": cam.name,
+                    "fx_px": k[0, 0],
+                    "fy_px": k[1, 1],
+                    "cx_px": k[0, 2],
+                    "cy_px": k[1, 2],
+                    "k1": 0.0,
+                    "k2": 0.0,
+                    "k3": 0.0,
+                    "height_px": h,
+                    "width_px": w,
+                }
             )
-        feather.write_feather(pd.DataFrame(extr), log_dir / "calibration" / "egovehicle_SE3_sensor.feather")
+        feather.write_feather(
+            pd.DataFrame(extr), log_dir / "calibration" / "egovehicle_SE3_sensor.feather"
+        )
         feather.write_feather(pd.DataFrame(intr), log_dir / "calibration" / "intrinsics.feather")
         (log_dir / "map" / f"log_map_archive_{log_dir.name}____SYN_city_00000.json").write_text(
             json.dumps({"lane_segments": {}, "pedestrian_crossings": {}, "drivable_areas": {}})
@@ -95,10 +117,14 @@ def write_av2(cfg: SyntheticConfig, progress: Callable[[str], None] | None = Non
             sw = rec.sweep
             xyz = apply(lidar_to_ego, sw.points).astype(np.float16)  # AV2 sweeps: ego frame, fp16
             df = pd.DataFrame(
-                {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
-                 "intensity": sw.intensity.astype(np.uint8),
-                 "laser_number": sw.ring.astype(np.uint8),
-                 "offset_ns": np.zeros(len(xyz), dtype=np.uint32)}
+                {
+                    "x": xyz[:, 0],
+                    "y": xyz[:, 1],
+                    "z": xyz[:, 2],
+                    "intensity": sw.intensity.astype(np.uint8),
+                    "laser_number": sw.ring.astype(np.uint8),
+                    "offset_ns": np.zeros(len(xyz), dtype=np.uint32),
+                }
             )
             feather.write_feather(df, log_dir / "sensors" / "lidar" / f"{ts_ns}.feather")
             counts["sweeps"] += 1

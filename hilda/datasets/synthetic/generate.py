@@ -78,7 +78,9 @@ class SweepRecord:
     ego_to_global: np.ndarray  # (4, 4) at t_us
     sweep: LidarSweep
     keyframe: int | None  # keyframe index, None for intermediate sweeps
-    images: tuple[tuple[CameraSpec, int, np.ndarray, CameraImage], ...]  # (camera, t_us, ego pose, image)
+    images: tuple[
+        tuple[CameraSpec, int, np.ndarray, CameraImage], ...
+    ]  # (camera, t_us, ego pose, image)
 
 
 def simulate_scene(

@@ -81,7 +81,9 @@ def _write_map(path: Path, world: World) -> None:
     Image.fromarray(mask).save(path, optimize=False, compress_level=1)
 
 
-def write_nuscenes(cfg: SyntheticConfig, progress: Callable[[str], None] | None = None) -> dict[str, int]:
+def write_nuscenes(
+    cfg: SyntheticConfig, progress: Callable[[str], None] | None = None
+) -> dict[str, int]:
     root = Path(cfg.out)
     version = cfg.version
     rig = cfg.rig
@@ -90,8 +92,19 @@ def write_nuscenes(cfg: SyntheticConfig, progress: Callable[[str], None] | None 
     tables: dict[str, list[dict]] = {
         k: []
         for k in (
-            "category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",
-            "ego_pose", "log", "scene", "sample", "sample_data", "sample_annotation", "map",
+            "category",
+            "attribute",
+            "visibility",
+            "instance",
+            "sensor",
+            "calibrated_sensor",
+            "ego_pose",
+            "log",
+            "scene",
+            "sample",
+            "sample_data",
+            "sample_annotation",
+            "map",
             "lidarseg",
         )
     }
@@ -117,27 +130,43 @@ def write_nuscenes(cfg: SyntheticConfig, progress: Callable[[str], None] | None 
         log_tok, scene_tok = token(cfg.seed, "log", si), token(cfg.seed, "scene", si)
         map_tok = token(cfg.seed, "map", si)
         tables["log"].append(
-            {"token": log_tok, "logfile": logfile, "vehicle": "synthetic", "location": "synthetic-city",
-             "date_captured": f"{stamp:%Y-%m-%d}"}
+            {
+                "token": log_tok,
+                "logfile": logfile,
+                "vehicle": "synthetic",
+                "location": "synthetic-city",
+                "date_captured": f"{stamp:%Y-%m-%d}",
+            }
         )
         _write_map(root / "maps" / f"{map_tok}.png", world)
         tables["map"].append(
-            {"token": map_tok, "log_tokens": [log_tok], "category": "semantic_prior",
-             "filename": f"maps/{map_tok}.png"}
+            {
+                "token": map_tok,
+                "log_tokens": [log_tok],
+                "category": "semantic_prior",
+                "filename": f"maps/{map_tok}.png",
+            }
         )
         calib = {}
         lidar_cal = _pose(rig.lidar.lidar_to_ego())
         calib[rig.lidar.name] = token(cfg.seed, "calib", si, rig.lidar.name)
         tables["calibrated_sensor"].append(
-            {"token": calib[rig.lidar.name], "sensor_token": token("sensor", rig.lidar.name),
-             **lidar_cal, "camera_intrinsic": []}
+            {
+                "token": calib[rig.lidar.name],
+                "sensor_token": token("sensor", rig.lidar.name),
+                **lidar_cal,
+                "camera_intrinsic": [],
+            }
         )
         for cam in rig.cameras:
             calib[cam.name] = token(cfg.seed, "calib", si, cam.name)
             tables["calibrated_sensor"].append(
-                {"token": calib[cam.name], "sensor_token": token("sensor", cam.name),
-                 **_pose(cam.cam_to_ego()),
-                 "camera_intrinsic": cam.intrinsics(*cam.size((width, height))).tolist()}
+                {
+                    "token": calib[cam.name],
+                    "sensor_token": token("sensor", cam.name),
+                    **_pose(cam.cam_to_ego()),
+                    "camera_intrinsic": cam.intrinsics(*cam.size((width, height))).tolist(),
+                }
             )
         sample_toks = [token(cfg.seed, "sample", si, k) for k in range(cfg.frames_per_scene)]
         sd_toks = {
@@ -148,9 +177,13 @@ def write_nuscenes(cfg: SyntheticConfig, progress: Callable[[str], None] | None 
         for rec in simulate_scene(world, rig, cfg.frames_per_scene, 1, (width, height), rng):
             k = rec.keyframe
             tables["sample"].append(
-                {"token": sample_toks[k], "timestamp": rec.t_us, "scene_token": scene_tok,
-                 "prev": sample_toks[k - 1] if k > 0 else "",
-                 "next": sample_toks[k + 1] if k + 1 < cfg.frames_per_scene else ""}
+                {
+                    "token": sample_toks[k],
+                    "timestamp": rec.t_us,
+                    "scene_token": scene_tok,
+                    "prev": sample_toks[k - 1] if k > 0 else "",
+                    "next": sample_toks[k + 1] if k + 1 < cfg.frames_per_scene else "",
+                }
             )
             shots = [(rig.lidar.name, rec.t_us, rec.ego_to_global, None)]
             shots += [(c.name, t, pose, img) for c, t, pose, img in rec.images]
@@ -161,14 +194,20 @@ def write_nuscenes(cfg: SyntheticConfig, progress: Callable[[str], None] | None 
                 ext = "pcd.bin" if img is None else "jpg"
                 filename = f"samples/{ch}/{logfile}__{ch}__{t}.{ext}"
                 tables["sample_data"].append(
-                    {"token": sd, "sample_token": sample_toks[k], "ego_pose_token": pose_tok,
-                     "calibrated_sensor_token": calib[ch], "timestamp": t,
-                     "fileformat": "pcd" if img is None else "jpg", "is_key_frame": True,
-                     "height": 0 if img is None else int(img.rgb.shape[0]),
-                     "width": 0 if img is None else int(img.rgb.shape[1]),
-                     "filename": filename,
-                     "prev": sd_toks[ch][k - 1] if k > 0 else "",
-                     "next": sd_toks[ch][k + 1] if k + 1 < cfg.frames_per_scene else ""}
+                    {
+                        "token": sd,
+                        "sample_token": sample_toks[k],
+                        "ego_pose_token": pose_tok,
+                        "calibrated_sensor_token": calib[ch],
+                        "timestamp": t,
+                        "fileformat": "pcd" if img is None else "jpg",
+                        "is_key_frame": True,
+                        "height": 0 if img is None else int(img.rgb.shape[0]),
+                        "width": 0 if img is None else int(img.rgb.shape[1]),
+                        "filename": filename,
+                        "prev": sd_toks[ch][k - 1] if k > 0 else "",
+                        "next": sd_toks[ch][k + 1] if k + 1 < cfg.frames_per_scene else "",
+                    }
                 )
                 if img is None:
                     sw = rec.sweep
@@ -187,9 +226,15 @@ def write_nuscenes(cfg: SyntheticConfig, progress: Callable[[str], None] | None 
             if progress:
                 progress(f"{scene_name} keyframe {k + 1}/{cfg.frames_per_scene}")
         tables["scene"].append(
-            {"token": scene_tok, "log_token": log_tok, "nbr_samples": cfg.frames_per_scene,
-             "first_sample_token": sample_toks[0], "last_sample_token": sample_toks[-1],
-             "name": scene_name, "description": f"synthetic world, seed {cfg.seed}, scene {si}"}
+            {
+                "token": scene_tok,
+                "log_token": log_tok,
+                "nbr_samples": cfg.frames_per_scene,
+                "first_sample_token": sample_toks[0],
+                "last_sample_token": sample_toks[-1],
+                "name": scene_name,
+                "description": f"synthetic world, seed {cfg.seed}, scene {si}",
+            }
         )
         counts["scenes"] += 1
     table_dir = root / version

@@ -42,11 +42,12 @@ class Primitives:
             c, s = self.center[i], self.size[i]
             if self.kind[i] == KIND_BOX:
                 r = np.hypot(s[0], s[1])
-                lo[i] = c - [r, r, s[2]]
-                hi[i] = c + [r, r, s[2]]
+                ext = np.array([r, r, s[2]])
+                lo[i] = c - ext
+                hi[i] = c + ext
             elif self.kind[i] == KIND_CYLINDER:
-                lo[i] = c - [s[0], s[0], 0.0]
-                hi[i] = c + [s[0], s[0], s[1]]
+                lo[i] = c - np.array([s[0], s[0], 0.0])
+                hi[i] = c + np.array([s[0], s[0], s[1]])
             else:
                 lo[i] = c - s[0]
                 hi[i] = c + s[0]

@@ -82,15 +82,41 @@ NUSCENES_RIG = Rig(
     # Layout of the nuScenes car: six 1600x900 cameras; each fires as the spinning LiDAR
     # passes its field of view, so camera times trail the sweep time by up to ~45 ms.
     cameras=(
-        CameraSpec("CAM_FRONT", 0.0, (1.70, 0.02, 1.51), (1600, 900), 1266.0, (816.0, 491.0), -35_000),
-        CameraSpec("CAM_FRONT_RIGHT", -55.0, (1.55, -0.49, 1.50), (1600, 900), 1260.0, (808.0, 495.0), -27_000),
-        CameraSpec("CAM_BACK_RIGHT", -110.0, (1.04, -0.48, 1.56), (1600, 900), 1260.0, (808.0, 481.0), -20_000),
-        CameraSpec("CAM_BACK", 180.0, (0.03, 0.0, 1.57), (1600, 900), 809.0, (829.0, 481.0), -10_000),
-        CameraSpec("CAM_BACK_LEFT", 110.0, (1.04, 0.48, 1.56), (1600, 900), 1256.0, (817.0, 451.0), -500),
-        CameraSpec("CAM_FRONT_LEFT", 55.0, (1.52, 0.49, 1.51), (1600, 900), 1272.0, (826.0, 479.0), -43_000),
+        CameraSpec(
+            "CAM_FRONT", 0.0, (1.70, 0.02, 1.51), (1600, 900), 1266.0, (816.0, 491.0), -35_000
+        ),
+        CameraSpec(
+            "CAM_FRONT_RIGHT",
+            -55.0,
+            (1.55, -0.49, 1.50),
+            (1600, 900),
+            1260.0,
+            (808.0, 495.0),
+            -27_000,
+        ),
+        CameraSpec(
+            "CAM_BACK_RIGHT",
+            -110.0,
+            (1.04, -0.48, 1.56),
+            (1600, 900),
+            1260.0,
+            (808.0, 481.0),
+            -20_000,
+        ),
+        CameraSpec(
+            "CAM_BACK", 180.0, (0.03, 0.0, 1.57), (1600, 900), 809.0, (829.0, 481.0), -10_000
+        ),
+        CameraSpec(
+            "CAM_BACK_LEFT", 110.0, (1.04, 0.48, 1.56), (1600, 900), 1256.0, (817.0, 451.0), -500
+        ),
+        CameraSpec(
+            "CAM_FRONT_LEFT", 55.0, (1.52, 0.49, 1.51), (1600, 900), 1272.0, (826.0, 479.0), -43_000
+        ),
     ),
     # LIDAR_TOP: a 32-beam spinning LiDAR, x axis pointing to the right of the car.
-    lidar=LidarSpec("LIDAR_TOP", (0.94, 0.0, 1.84), -90.0, (-30.67, 10.67), beams=32, azimuths=1084),
+    lidar=LidarSpec(
+        "LIDAR_TOP", (0.94, 0.0, 1.84), -90.0, (-30.67, 10.67), beams=32, azimuths=1084
+    ),
     keyframe_period_us=500_000,
     sweep_period_us=50_000,
 )
@@ -99,13 +125,69 @@ AV2_RIG = Rig(
     # Argoverse 2 ring cameras: ring_front_center is portrait (1550x2048), the others
     # landscape (2048x1550); 20 Hz, synchronised to within a few ms of the LiDAR.
     cameras=(
-        CameraSpec("ring_front_center", 0.0, (1.63, 0.0, 1.42), (1550, 2048), 1773.0, (775.0, 1024.0), 2_000),
-        CameraSpec("ring_front_left", 45.0, (1.51, 0.39, 1.42), (2048, 1550), 1773.0, (1024.0, 775.0), -6_000),
-        CameraSpec("ring_front_right", -45.0, (1.51, -0.39, 1.42), (2048, 1550), 1773.0, (1024.0, 775.0), 6_000),
-        CameraSpec("ring_side_left", 99.0, (1.05, 0.85, 1.42), (2048, 1550), 1773.0, (1024.0, 775.0), -12_000),
-        CameraSpec("ring_side_right", -99.0, (1.05, -0.85, 1.42), (2048, 1550), 1773.0, (1024.0, 775.0), 12_000),
-        CameraSpec("ring_rear_left", 153.0, (0.05, 0.5, 1.42), (2048, 1550), 1773.0, (1024.0, 775.0), -18_000),
-        CameraSpec("ring_rear_right", -153.0, (0.05, -0.5, 1.42), (2048, 1550), 1773.0, (1024.0, 775.0), 18_000),
+        CameraSpec(
+            "ring_front_center",
+            0.0,
+            (1.63, 0.0, 1.42),
+            (1550, 2048),
+            1773.0,
+            (775.0, 1024.0),
+            2_000,
+        ),
+        CameraSpec(
+            "ring_front_left",
+            45.0,
+            (1.51, 0.39, 1.42),
+            (2048, 1550),
+            1773.0,
+            (1024.0, 775.0),
+            -6_000,
+        ),
+        CameraSpec(
+            "ring_front_right",
+            -45.0,
+            (1.51, -0.39, 1.42),
+            (2048, 1550),
+            1773.0,
+            (1024.0, 775.0),
+            6_000,
+        ),
+        CameraSpec(
+            "ring_side_left",
+            99.0,
+            (1.05, 0.85, 1.42),
+            (2048, 1550),
+            1773.0,
+            (1024.0, 775.0),
+            -12_000,
+        ),
+        CameraSpec(
+            "ring_side_right",
+            -99.0,
+            (1.05, -0.85, 1.42),
+            (2048, 1550),
+            1773.0,
+            (1024.0, 775.0),
+            12_000,
+        ),
+        CameraSpec(
+            "ring_rear_left",
+            153.0,
+            (0.05, 0.5, 1.42),
+            (2048, 1550),
+            1773.0,
+            (1024.0, 775.0),
+            -18_000,
+        ),
+        CameraSpec(
+            "ring_rear_right",
+            -153.0,
+            (0.05, -0.5, 1.42),
+            (2048, 1550),
+            1773.0,
+            (1024.0, 775.0),
+            18_000,
+        ),
     ),
     # Two stacked 32-beam LiDARs, merged into one 64-beam sweep in the ego frame.
     lidar=LidarSpec("up_lidar", (1.35, 0.0, 1.95), 0.0, (-25.0, 15.0), beams=64, azimuths=900),
@@ -198,7 +280,12 @@ def surface_albedo(
         tex = prims.texture[pi]
         mult = np.ones(len(pi))
         yaw = prims.yaw[pi]
-        facade_u = p[:, 0] * np.cos(yaw) + p[:, 1] * np.sin(yaw) - p[:, 0] * np.sin(yaw) + p[:, 1] * np.cos(yaw)
+        facade_u = (
+            p[:, 0] * np.cos(yaw)
+            + p[:, 1] * np.sin(yaw)
+            - p[:, 0] * np.sin(yaw)
+            + p[:, 1] * np.cos(yaw)
+        )
         win = (tex == W.TEX_FACADE) & (_frac(p[:, 2] / 3.0) > 0.35) & (_frac(p[:, 2] / 3.0) < 0.8)
         win &= (_frac(facade_u / 2.5) > 0.3) & (_frac(facade_u / 2.5) < 0.75)
         base[win] = (0.25, 0.32, 0.42)
@@ -230,7 +317,9 @@ def scan_lidar(world: W.World, rig: Rig, t_us: int, rng: np.random.Generator) ->
     elev = np.deg2rad(np.linspace(*spec.elevations_deg, spec.beams))  # (B,)
     azim = np.linspace(-np.pi, np.pi, spec.azimuths, endpoint=False)  # (A,)
     ee, aa = np.meshgrid(elev, azim, indexing="ij")  # (B, A)
-    dirs_s = np.stack([np.cos(ee) * np.cos(aa), np.cos(ee) * np.sin(aa), np.sin(ee)], -1).reshape(-1, 3)
+    dirs_s = np.stack([np.cos(ee) * np.cos(aa), np.cos(ee) * np.sin(aa), np.sin(ee)], -1).reshape(
+        -1, 3
+    )
     ring = np.repeat(np.arange(spec.beams), spec.azimuths)
     sensor_to_global = world.ego_to_global(t_us) @ spec.lidar_to_ego()
     origin = sensor_to_global[:3, 3]
@@ -257,7 +346,9 @@ def scan_lidar(world: W.World, rig: Rig, t_us: int, rng: np.random.Generator) ->
     )
 
 
-def _footprint(corners_cam: np.ndarray, k: np.ndarray, width: int, height: int) -> np.ndarray | None:
+def _footprint(
+    corners_cam: np.ndarray, k: np.ndarray, width: int, height: int
+) -> np.ndarray | None:
     """Flat pixel indices an object can cover, from its (8, 3) AABB corners in the camera frame."""
     z = corners_cam[:, 2]
     if np.all(z < 0.05):
@@ -282,7 +373,9 @@ def render_camera(
     cam_to_global = world.ego_to_global(t_us) @ cam.cam_to_ego()
     origin = cam_to_global[:3, 3]
     v, u = np.mgrid[0:height, 0:width]
-    pix = np.stack([(u + 0.5 - k[0, 2]) / k[0, 0], (v + 0.5 - k[1, 2]) / k[1, 1], np.ones_like(u, float)], -1)
+    pix = np.stack(
+        [(u + 0.5 - k[0, 2]) / k[0, 0], (v + 0.5 - k[1, 2]) / k[1, 1], np.ones_like(u, float)], -1
+    )
     dirs_c = pix.reshape(-1, 3)
     dirs_c /= np.linalg.norm(dirs_c, axis=1, keepdims=True)
     dirs_g = dirs_c @ cam_to_global[:3, :3].T

@@ -1,9 +1,9 @@
 """A procedural driving world: a curved road, sidewalks, terrain, buildings, trees, poles,
 barriers, cones, parked and moving cars, a truck and walking pedestrians.
 
-The road is a circular arc (radius R, turning left or right). Road coordinates are (s, l):
+The road is a circular arc (radius R, turning left or right). Road coordinates are (s, lat):
 arc length along the centre line and lateral offset, positive to the left of the driving
-direction. The ego drives in the right lane (l = -2 m). Every object is a few primitives
+direction. The ego drives in the right lane (lat = -2 m). Every object is a few primitives
 with one semantic class (nuScenes general category), one instance id and a class-specific
 colour and texture. Deterministic for a seed.
 """
@@ -48,19 +48,21 @@ class Road:
     turn: int  # +1 left, -1 right
     theta0: float  # polar angle of s = 0 around the centre
 
-    def point(self, s: np.ndarray | float, l: np.ndarray | float) -> np.ndarray:
-        """Global (..., 2) position of road coordinates (s, l)."""
-        s, l = np.asarray(s, dtype=np.float64), np.asarray(l, dtype=np.float64)
+    def point(self, s: np.ndarray | float, lat: np.ndarray | float) -> np.ndarray:
+        """Global (..., 2) position of road coordinates (s, lat)."""
+        s, lat = np.asarray(s, dtype=np.float64), np.asarray(lat, dtype=np.float64)
         theta = self.theta0 + self.turn * s / self.radius
-        r = self.radius - self.turn * l
-        return np.stack([self.center[0] + r * np.cos(theta), self.center[1] + r * np.sin(theta)], -1)
+        r = self.radius - self.turn * lat
+        return np.stack(
+            [self.center[0] + r * np.cos(theta), self.center[1] + r * np.sin(theta)], -1
+        )
 
     def heading(self, s: np.ndarray | float) -> np.ndarray:
         """Yaw of the driving direction at arc length s."""
         return self.theta0 + self.turn * np.asarray(s) / self.radius + self.turn * np.pi / 2
 
     def lateral(self, xy: np.ndarray) -> np.ndarray:
-        """Lateral offset l of global (..., 2) points."""
+        """Lateral offset of global (..., 2) points."""
         d = np.linalg.norm(xy - self.center, axis=-1)
         return self.turn * (self.radius - d)
 
@@ -76,7 +78,7 @@ class Mover:
     """An object moving along the road at constant speed: its parts are relative boxes."""
 
     s0: float
-    l: float
+    lat: float  # lateral offset of its path
     speed: float  # along +s (negative: against the ego's direction)
     parts: tuple[tuple[int, tuple[float, float, float], tuple[float, float, float]], ...]
     # each part: (kind, local centre (forward, left, up), size)
@@ -109,7 +111,7 @@ class World:
         for m in self.movers:
             s = m.s0 + m.speed * dt
             yaw = float(self.road.heading(s)) + (np.pi if m.speed < 0 else 0.0)
-            xy = self.road.point(s, m.l)
+            xy = self.road.point(s, m.lat)
             rot = yaw_matrix(yaw)
             for kind, local, size in m.parts:
                 c = np.array([*xy, 0.0]) + rot @ np.asarray(local)
@@ -166,8 +168,11 @@ def car_parts(length: float, width: float, height: float):
     body_h = 0.55 * height
     return (
         (KIND_BOX, (0.0, 0.0, 0.25 + body_h / 2), (length / 2, width / 2, body_h / 2)),
-        (KIND_BOX, (-0.1 * length, 0.0, 0.25 + body_h + (height - 0.25 - body_h) / 2),
-         (0.28 * length, 0.45 * width, (height - 0.25 - body_h) / 2)),
+        (
+            KIND_BOX,
+            (-0.1 * length, 0.0, 0.25 + body_h + (height - 0.25 - body_h) / 2),
+            (0.28 * length, 0.45 * width, (height - 0.25 - body_h) / 2),
+        ),
         (KIND_BOX, (0.0, 0.0, 0.125), (length / 2 - 0.3, width / 2 - 0.1, 0.125)),
     )
 
@@ -191,13 +196,22 @@ def make_world(seed: int, scene_index: int, duration_s: float, start_us: int) ->
         rgb, tex, _ = CLASS_STYLE[name]
         return GENERAL_INDEX[name], rgb, tex
 
-    def place(kind, s, l, z, size, yaw_off, name, color=None, inst=None):
+    def place(kind, s, lat, z, size, yaw_off, name, color=None, inst=None):
         label, rgb, tex = style(name)
-        xy = road.point(s, l)
+        xy = road.point(s, lat)
         yaw = float(road.heading(s)) + yaw_off
-        rows.append((kind, np.array([*xy, z]), size, yaw, label,
-                     inst if inst is not None else next(next_inst),
-                     color if color is not None else _jitter(rng, rgb), tex))
+        rows.append(
+            (
+                kind,
+                np.array([*xy, z]),
+                size,
+                yaw,
+                label,
+                inst if inst is not None else next(next_inst),
+                color if color is not None else _jitter(rng, rgb),
+                tex,
+            )
+        )
 
     for side in (-1, 1):
         # Buildings: a row of boxes behind the sidewalk, facing the road.
@@ -207,36 +221,77 @@ def make_world(seed: int, scene_index: int, duration_s: float, start_us: int) ->
             depth = rng.uniform(6.0, 12.0)
             height = rng.uniform(5.0, 18.0)
             setback = rng.uniform(10.0, 14.0)
-            place(KIND_BOX, s + length / 2, side * (setback + depth / 2), height / 2,
-                  (length / 2, depth / 2, height / 2), 0.0, "static.manmade")
+            place(
+                KIND_BOX,
+                s + length / 2,
+                side * (setback + depth / 2),
+                height / 2,
+                (length / 2, depth / 2, height / 2),
+                0.0,
+                "static.manmade",
+            )
             s += length + rng.uniform(1.0, 6.0)
         # Trees between the sidewalk and the buildings.
         s = s_lo + rng.uniform(0, 8)
         while s < s_hi:
             label, rgb, tex = style("static.vegetation")
             inst = next(next_inst)
-            l = side * rng.uniform(7.8, 9.2)
+            lat = side * rng.uniform(7.8, 9.2)
             trunk_h = rng.uniform(1.8, 3.0)
             crown = rng.uniform(1.2, 2.2)
-            xy = road.point(s, l)
-            rows.append((KIND_CYLINDER, np.array([*xy, 0.0]), (0.18, trunk_h, 0.0), 0.0, label,
-                         inst, _jitter(rng, (0.35, 0.25, 0.15), 0.04), tex))
-            rows.append((KIND_SPHERE, np.array([*xy, trunk_h + 0.7 * crown]), (crown, 0.0, 0.0),
-                         0.0, label, inst, _jitter(rng, rgb), tex))
+            xy = road.point(s, lat)
+            rows.append(
+                (
+                    KIND_CYLINDER,
+                    np.array([*xy, 0.0]),
+                    (0.18, trunk_h, 0.0),
+                    0.0,
+                    label,
+                    inst,
+                    _jitter(rng, (0.35, 0.25, 0.15), 0.04),
+                    tex,
+                )
+            )
+            rows.append(
+                (
+                    KIND_SPHERE,
+                    np.array([*xy, trunk_h + 0.7 * crown]),
+                    (crown, 0.0, 0.0),
+                    0.0,
+                    label,
+                    inst,
+                    _jitter(rng, rgb),
+                    tex,
+                )
+            )
             s += rng.uniform(7.0, 16.0)
         # Poles on the sidewalk.
         s = s_lo + rng.uniform(0, 10)
         while s < s_hi:
             label, _, _ = style("static.manmade")
             xy = road.point(s, side * 6.3)
-            rows.append((KIND_CYLINDER, np.array([*xy, 0.0]), (0.12, rng.uniform(5.0, 8.0), 0.0),
-                         0.0, label, next(next_inst), POLE_COLOR, TEX_METAL))
+            rows.append(
+                (
+                    KIND_CYLINDER,
+                    np.array([*xy, 0.0]),
+                    (0.12, rng.uniform(5.0, 8.0), 0.0),
+                    0.0,
+                    label,
+                    next(next_inst),
+                    POLE_COLOR,
+                    TEX_METAL,
+                )
+            )
             s += rng.uniform(14.0, 24.0)
         # Parked cars along the kerb, a truck on one side.
         s = s_lo + rng.uniform(0, 10)
         while s < s_hi:
             if rng.random() < 0.55:
-                length, width, height = rng.uniform(3.9, 4.9), rng.uniform(1.7, 2.0), rng.uniform(1.4, 1.7)
+                length, width, height = (
+                    rng.uniform(3.9, 4.9),
+                    rng.uniform(1.7, 2.0),
+                    rng.uniform(1.4, 1.7),
+                )
                 label, rgb, tex = style("vehicle.car")
                 inst, color = next(next_inst), _jitter(rng, rgb, 0.12)
                 for kind, local, size in car_parts(length, width, height):
@@ -253,19 +308,49 @@ def make_world(seed: int, scene_index: int, duration_s: float, start_us: int) ->
         for _ in range(int(rng.integers(2, 6))):
             label, rgb, tex = style("movable_object.trafficcone")
             xy = road.point(rng.uniform(s_lo, s_hi), side * rng.uniform(3.6, 4.2))
-            rows.append((KIND_CYLINDER, np.array([*xy, 0.0]), (0.18, 0.7, 0.0), 0.0, label,
-                         next(next_inst), _jitter(rng, rgb, 0.05), tex))
+            rows.append(
+                (
+                    KIND_CYLINDER,
+                    np.array([*xy, 0.0]),
+                    (0.18, 0.7, 0.0),
+                    0.0,
+                    label,
+                    next(next_inst),
+                    _jitter(rng, rgb, 0.05),
+                    tex,
+                )
+            )
 
     movers: list[Mover] = []
     label, rgb, tex = style("vehicle.car")
     for _ in range(int(rng.integers(2, 5))):  # oncoming traffic
         dims = (rng.uniform(3.9, 4.9), rng.uniform(1.7, 2.0), rng.uniform(1.4, 1.7))
-        movers.append(Mover(float(rng.uniform(s_lo + 30, s_hi + 60)), 1.8, -float(rng.uniform(5, 11)),
-                            car_parts(*dims), label, next(next_inst), _jitter(rng, rgb, 0.12), tex))
+        movers.append(
+            Mover(
+                float(rng.uniform(s_lo + 30, s_hi + 60)),
+                1.8,
+                -float(rng.uniform(5, 11)),
+                car_parts(*dims),
+                label,
+                next(next_inst),
+                _jitter(rng, rgb, 0.12),
+                tex,
+            )
+        )
     lead = ego_speed + float(rng.uniform(0.5, 2.5))  # a car ahead in the ego lane, pulling away
     dims = (4.4, 1.85, 1.55)
-    movers.append(Mover(float(rng.uniform(14, 25)), EGO_LANE, lead, car_parts(*dims), label,
-                        next(next_inst), _jitter(rng, rgb, 0.12), tex))
+    movers.append(
+        Mover(
+            float(rng.uniform(14, 25)),
+            EGO_LANE,
+            lead,
+            car_parts(*dims),
+            label,
+            next(next_inst),
+            _jitter(rng, rgb, 0.12),
+            tex,
+        )
+    )
     label, rgb, tex = style("human.pedestrian.adult")
     for _ in range(int(rng.integers(3, 8))):
         side = rng.choice([-1.0, 1.0])
@@ -274,6 +359,18 @@ def make_world(seed: int, scene_index: int, duration_s: float, start_us: int) ->
             (KIND_CYLINDER, (0.0, 0.0, 0.0), (0.22, 1.45, 0.0)),
             (KIND_SPHERE, (0.0, 0.0, 1.6), (0.14, 0.0, 0.0)),
         )
-        movers.append(Mover(float(rng.uniform(s_lo, s_hi)), side * rng.uniform(4.6, 6.0), walk,
-                            parts, label, next(next_inst), _jitter(rng, rgb, 0.1), tex))
-    return World(road=road, ego_speed=ego_speed, start_us=start_us, static=_pack(rows), movers=movers)
+        movers.append(
+            Mover(
+                float(rng.uniform(s_lo, s_hi)),
+                side * rng.uniform(4.6, 6.0),
+                walk,
+                parts,
+                label,
+                next(next_inst),
+                _jitter(rng, rgb, 0.1),
+                tex,
+            )
+        )
+    return World(
+        road=road, ego_speed=ego_speed, start_us=start_us, static=_pack(rows), movers=movers
+    )

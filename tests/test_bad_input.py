@@ -1,0 +1,132 @@
+"""Bad input gives a clear error naming the file or frame, not a traceback from numpy."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hilda.cli.prep import app
+from hilda.datasets import open_dataset
+from hilda.datasets.io import DatasetError, read_image, read_lidarseg_labels, read_sweep
+from hilda.datasets.synthetic.generate import SyntheticConfig
+
+
+@pytest.fixture
+def nusc_copy(nusc_cfg: SyntheticConfig, tmp_path: Path) -> Path:
+    root = tmp_path / "nusc"
+    shutil.copytree(nusc_cfg.out, root)
+    return root
+
+
+def _first_frame(root: Path):
+    return open_dataset("nuscenes", str(root)).frames[0]
+
+
+def test_truncated_sweep(nusc_copy: Path) -> None:
+    frame = _first_frame(nusc_copy)
+    data = Path(frame.lidar_file).read_bytes()
+    Path(frame.lidar_file).write_bytes(data[: len(data) - 7])
+    with pytest.raises(
+        DatasetError,
+        match=rf"truncated sweep.*{re.escape(Path(frame.lidar_file).name)} \(frame {frame.token}\)",
+    ):
+        read_sweep(frame.lidar_file, frame.token)
+
+
+def test_empty_sweep(nusc_copy: Path) -> None:
+    frame = _first_frame(nusc_copy)
+    Path(frame.lidar_file).write_bytes(b"")
+    with pytest.raises(DatasetError, match=rf"empty sweep.*{frame.token}"):
+        read_sweep(frame.lidar_file, frame.token)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_points(nusc_copy: Path, bad: float) -> None:
+    frame = _first_frame(nusc_copy)
+    pts = np.fromfile(frame.lidar_file, dtype=np.float32).reshape(-1, 5)
+    pts[10, 1] = bad
+    pts.tofile(frame.lidar_file)
+    with pytest.raises(
+        DatasetError,
+        match=rf"1 of {len(pts)} points with NaN or inf \(first at row 10\).*{frame.token}",
+    ):
+        read_sweep(frame.lidar_file, frame.token)
+
+
+def test_non_finite_av2_points(av2_cfg: SyntheticConfig, tmp_path: Path) -> None:
+    import pandas as pd
+    from pyarrow import feather
+
+    root = tmp_path / "av2"
+    shutil.copytree(av2_cfg.out, root)
+    frame = open_dataset("av2", str(root), split="train").frames[0]
+    df = feather.read_feather(frame.lidar_file)
+    df.loc[3, "z"] = np.float16(np.nan)
+    feather.write_feather(pd.DataFrame(df), frame.lidar_file)
+    with pytest.raises(DatasetError, match="NaN or inf"):
+        read_sweep(frame.lidar_file, frame.token)
+    Path(frame.lidar_file).write_bytes(b"not a feather file")
+    with pytest.raises(DatasetError, match=rf"unreadable sweep.*{frame.token}"):
+        read_sweep(frame.lidar_file, frame.token)
+
+
+@pytest.mark.parametrize(
+    "table,field", [("ego_pose", "translation"), ("calibrated_sensor", "rotation")]
+)
+def test_non_finite_calibration(nusc_copy: Path, table: str, field: str) -> None:
+    path = nusc_copy / "v1.0-mini" / f"{table}.json"
+    rows = json.loads(path.read_text())
+    rows[0][field][1] = float("nan")  # json writes NaN, as a broken export would
+    path.write_text(json.dumps(rows))
+    with pytest.raises(
+        DatasetError, match=r"bad calibration in frame \w+ \(scene-\d+\).*non-finite|not a rigid"
+    ):
+        open_dataset("nuscenes", str(nusc_copy))
+
+
+def test_missing_image(nusc_copy: Path) -> None:
+    frame = _first_frame(nusc_copy)
+    victim = Path(frame.cameras[2].image_file)
+    victim.unlink()
+    with pytest.raises(
+        DatasetError,
+        match=rf"missing CAM_BACK_RIGHT image: {re.escape(str(victim))} \(frame {frame.token}\)",
+    ):
+        open_dataset("nuscenes", str(nusc_copy))
+
+
+def test_corrupt_image(nusc_copy: Path) -> None:
+    frame = _first_frame(nusc_copy)
+    path = Path(frame.cameras[0].image_file)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(
+        DatasetError, match=rf"corrupt image.*{re.escape(path.name)} \(frame {frame.token}\)"
+    ):
+        read_image(path, frame.token)
+
+
+def test_label_count_mismatch(nusc_copy: Path) -> None:
+    frame = _first_frame(nusc_copy)
+    with pytest.raises(DatasetError, match="labels for a sweep of 5 points"):
+        read_lidarseg_labels(frame.labels_file, 5, frame.token)
+
+
+def test_missing_version_folder(tmp_path: Path) -> None:
+    with pytest.raises(
+        DatasetError, match=rf"version folder {tmp_path}/v1.0-trainval does not exist"
+    ):
+        open_dataset("nuscenes", str(tmp_path), version="v1.0-trainval")
+    with pytest.raises(DatasetError, match=r"split folder .*/val does not exist"):
+        open_dataset("av2", str(tmp_path), split="val")
+
+
+def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["frames", "--root", str(tmp_path), "--version", "v1.0-test"])
+    assert result.exit_code == 2
+    assert "version folder" in result.output and "Traceback" not in result.output
