@@ -13,7 +13,7 @@ from hilda.datasets.synthetic.av2_format import SCENE_START_NS
 from hilda.datasets.synthetic.generate import SyntheticConfig, scene_world
 from hilda.datasets.synthetic.nuscenes_format import SCENE_START_US
 from hilda.datasets.synthetic.render import render_camera
-from hilda.pipeline.projection import lidar_to_camera, project_points
+from hilda.pipeline.ops.projection import lidar_to_camera, project_points
 
 from .test_readers import _expected_sweep
 

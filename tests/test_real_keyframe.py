@@ -8,7 +8,7 @@ import numpy as np
 
 from hilda.datasets import open_dataset
 from hilda.datasets.io import read_sweep
-from hilda.pipeline.projection import lidar_to_camera, project_points
+from hilda.pipeline.ops.projection import lidar_to_camera, project_points
 
 from .realdata import VERSION, write_real_keyframe_tables
 

@@ -32,7 +32,7 @@ SCHEMA = "hilda-cache"
 SCHEMA_VERSION = 1
 DEFAULT_FRAMES_PER_SHARD = 32
 RAGGED_ROW_CHUNK = 1 << 16  # rows per chunk of a ragged array
-RAGGED_ROWS_PER_SHARD = 1 << 22
+RAGGED_ROWS_PER_SHARD = 1 << 20  # 16 chunks
 
 ROOT_ATTRS = ("schema", "schema_version", "dataset", "version", "split", "created_with")
 
