@@ -168,3 +168,118 @@ def validate_cmd(
     root = validate_store(store)
     groups = sorted(k for k in root.group_keys())
     console.print(f"[green]ok[/]: {store} (schema {root.attrs['schema_version']}, groups {groups})")
+
+
+def _stage_options(
+    workers: int, scheduler: str | None, overwrite: bool, skip_bad: bool, gpu: bool = False
+):
+    from hilda.pipeline.runner import ClusterConfig
+    from hilda.pipeline.stages.common import StageOptions
+
+    return StageOptions(
+        cluster=ClusterConfig(workers=workers, scheduler=scheduler, gpu_workers=gpu),
+        overwrite=overwrite,
+        skip_bad=skip_bad,
+    )
+
+
+Workers = Annotated[int, typer.Option(min=1, help="local Dask workers (processes)")]
+Scheduler = Annotated[str | None, typer.Option(help="address of an existing Dask scheduler")]
+Overwrite = Annotated[bool, typer.Option(help="redo the stage from scratch")]
+SkipBad = Annotated[bool, typer.Option(help="record bad frames as skipped and go on")]
+Store = Annotated[
+    str, typer.Option(help="store: a folder or an fsspec URL (s3://, memory://, ...)")
+]
+
+
+@app.command("index")
+@fail_cleanly
+def index_cmd(
+    out: Store,
+    dataset: Annotated[str, typer.Option(help="nuscenes or av2")] = "nuscenes",
+    root: Annotated[Path, typer.Option(help="dataset root")] = Path("out/synthetic"),
+    version: Annotated[str, typer.Option(help="nuScenes version folder")] = "v1.0-mini",
+    split: Annotated[
+        str, typer.Option(help="nuScenes: all or a devkit split; AV2: split folder")
+    ] = "all",
+    keyframe_every: Annotated[int, typer.Option(min=1, help="AV2: sweeps per keyframe")] = 5,
+    frames_per_shard: Annotated[int, typer.Option(min=1, help="frames per shard file")] = 32,
+    workers: Workers = 1,
+    scheduler: Scheduler = None,
+    overwrite: Overwrite = False,
+    skip_bad: SkipBad = False,
+) -> None:
+    """Stage 1: the index group and the points group (ragged, CSR)."""
+    from hilda.pipeline.stages.index import IndexConfig, run_index
+
+    if dataset == "av2" and split == "all":
+        split = "train"
+    cfg = IndexConfig(
+        dataset=dataset,
+        root=str(root),
+        store=out,
+        version=version,
+        split=split,
+        keyframe_every=keyframe_every,
+        frames_per_shard=frames_per_shard,
+    )
+    summary = run_index(cfg, _stage_options(workers, scheduler, overwrite, skip_bad))
+    console.print(f"[green]index[/] {out}: " + ", ".join(f"{k} {v:,}" for k, v in summary.items()))
+
+
+@app.command("build-pointmaps")
+@fail_cleanly
+def build_pointmaps_cmd(
+    store: Store,
+    occlusion: Annotated[
+        bool, typer.Option(help="drop points hidden behind nearer surfaces")
+    ] = True,
+    cell_px: Annotated[float, typer.Option(help="occlusion z-buffer cell, pixels")] = 8.0,
+    abs_tol: Annotated[float, typer.Option(help="occlusion depth tolerance, metres")] = 0.5,
+    rel_tol: Annotated[float, typer.Option(help="occlusion depth tolerance, fraction")] = 0.05,
+    workers: Workers = 1,
+    scheduler: Scheduler = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Stage 2: point-pixel pairs per camera (the devkit's projection and mask, + occlusion)."""
+    from hilda.pipeline.ops.occlusion import OcclusionRule
+    from hilda.pipeline.stages.pointmaps import PointmapConfig, run_pointmaps
+
+    cfg = PointmapConfig(
+        store=store, occlusion=occlusion, rule=OcclusionRule(cell_px, abs_tol, rel_tol)
+    )
+    summary = run_pointmaps(cfg, _stage_options(workers, scheduler, overwrite, False))
+    console.print(
+        f"[green]pointmaps[/] {store}: " + ", ".join(f"{k} {v:,}" for k, v in summary.items())
+    )
+
+
+@app.command("build-occupancy")
+@fail_cleanly
+def build_occupancy_cmd(
+    store: Store,
+    grid: Annotated[int, typer.Option(help="BEV cells per side")] = 512,
+    cell: Annotated[float, typer.Option(help="metres per cell (8 x 0.05 m voxels)")] = 0.4,
+    min_height: Annotated[
+        float, typer.Option(help="keep points this high above the ground")
+    ] = 0.25,
+    max_height: Annotated[float, typer.Option(help="... and at most this high")] = 4.0,
+    horizon: Annotated[int, typer.Option(min=1, help="keyframes ahead")] = 1,
+    workers: Workers = 1,
+    scheduler: Scheduler = None,
+    overwrite: Overwrite = False,
+    skip_bad: SkipBad = False,
+) -> None:
+    """Stage 4: ego-compensated future (t+1) BEV occupancy, ground removed, bit-packed."""
+    from hilda.pipeline.ops.occupancy import OccupancyConfig
+    from hilda.pipeline.stages.occupancy import OccupancyStageConfig, run_occupancy
+
+    occ = OccupancyConfig(
+        grid=grid, cell=cell, min_height=min_height, max_height=max_height, horizon=horizon
+    )
+    summary = run_occupancy(
+        OccupancyStageConfig(store, occ), _stage_options(workers, scheduler, overwrite, skip_bad)
+    )
+    console.print(
+        f"[green]occupancy[/] {store}: " + ", ".join(f"{k} {v:,}" for k, v in summary.items())
+    )

@@ -25,6 +25,7 @@ class ClusterConfig:
     workers: int = 1  # local cluster size (processes, one thread each)
     scheduler: str | None = None  # address of an existing cluster; overrides workers
     gpu_workers: bool = False  # local workers advertise one "GPU" resource each
+    processes: bool = True  # False: threads in this process (needed for memory:// stores)
 
 
 @contextlib.contextmanager
@@ -46,7 +47,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
         LocalCluster(
             n_workers=cfg.workers,
             threads_per_worker=1,
-            processes=True,
+            processes=cfg.processes,
             dashboard_address=None,
             silence_logs=40,
             **kwargs,

@@ -1,0 +1,266 @@
+"""What every stage shares: opening the store, shard tasks, completion maps, provenance, and
+the two-phase writer of ragged (CSR) groups.
+
+Ragged groups (points, pointmaps) are written in two phases so that no two workers ever
+write the same shard file: a *count* phase (per frame shard, nothing written) computes each
+frame's row count, the driver writes ``offsets``; a *write* phase (per row shard of the
+output) recomputes the rows of the frames that overlap its shard and writes exactly that
+shard. Both phases are cheap next to the I/O they avoid; reruns skip finished row shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import zarr
+
+import hilda
+from hilda.data_schemas.store import RAGGED_ROWS_PER_SHARD, GroupSpec
+from hilda.data_schemas.validate import validate_store
+from hilda.datasets.io import DatasetError
+from hilda.errors import HildaError
+from hilda.pipeline.runner import ClusterConfig, Task, dask_client, run_tasks
+from hilda.pipeline.store_io import create_group
+
+
+class FrameError(HildaError):
+    """A frame could not be processed; the message names the frame and the file."""
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    cluster: ClusterConfig = ClusterConfig()
+    overwrite: bool = False
+    skip_bad: bool = False
+
+
+def stage_client(store: str, cluster: ClusterConfig) -> contextlib.AbstractContextManager[Any]:
+    """The stage's Dask client; memory:// stores live in one process, so their stages run
+    on in-process (thread) workers."""
+    if store.startswith("memory://") and cluster.scheduler is None:
+        cluster = replace(cluster, processes=False)
+    return dask_client(cluster)
+
+
+def frame_shards(num_frames: int, frames_per_shard: int) -> list[tuple[int, int]]:
+    return [
+        (s, min(s + frames_per_shard, num_frames)) for s in range(0, num_frames, frames_per_shard)
+    ]
+
+
+def row_shards(total_rows: int, shard_rows: int = RAGGED_ROWS_PER_SHARD) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_rows, total_rows)) for s in range(0, total_rows, shard_rows)]
+
+
+def record_stage(root: zarr.Group, stage: str, config: dict[str, Any]) -> None:
+    """Provenance entry in the root attrs: config, time, code version."""
+    entry = {
+        "config": config,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code": f"hilda {hilda.__version__}",
+    }
+    stages = dict(root.attrs.get("stages", {}))
+    stages[stage] = entry
+    root.attrs["stages"] = stages
+
+
+def done_map(group: zarr.Group, name: str = "done") -> np.ndarray:
+    return np.asarray(group[name][:], dtype=bool)
+
+
+def prepare_group(
+    root: zarr.Group,
+    spec: GroupSpec,
+    dims: dict[str, int],
+    frames_per_shard: int,
+    attrs: dict[str, Any],
+    overwrite: bool,
+) -> zarr.Group:
+    """Create the stage group, or reuse it to resume when its attrs match this run's."""
+    if spec.name in root and not overwrite:
+        group = root[spec.name]
+        old = {k: group.attrs.get(k) for k in attrs if k not in ("skipped",)}
+        new = {k: v for k, v in attrs.items() if k not in ("skipped",)}
+        new = _jsonable(new)
+        differ = sorted(k for k in new if old.get(k) != new[k])
+        if differ:
+            raise HildaError(
+                f"{spec.name}/ in the store was built with other settings ({', '.join(differ)}); "
+                "rerun with --overwrite to rebuild it"
+            )
+        return group
+    if spec.name in root:
+        del root[spec.name]
+    return create_group(root, spec, dims, frames_per_shard, attrs)
+
+
+def _jsonable(value: Any) -> Any:
+    """The value as it reads back from JSON attrs (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def run_frame_shards(
+    client: Any,
+    group: zarr.Group,
+    fn: Callable[..., Any],
+    args: Callable[[int, int], tuple],
+    *,
+    num_frames: int,
+    frames_per_shard: int,
+    label: str,
+    resources: dict[str, float] | None = None,
+) -> dict[str, str]:
+    """Run ``fn(*args(start, stop))`` per frame shard not yet done and mark each shard done
+    as it finishes. A task returns {frame index: reason} for frames it skipped (with
+    --skip-bad); they are merged into the group's ``skipped`` attribute, which is returned."""
+    done = done_map(group)
+    shards = frame_shards(num_frames, frames_per_shard)
+    tasks = [Task(i, b - a, args(a, b)) for i, (a, b) in enumerate(shards) if not done[i]]
+    skipped = dict(group.attrs.get("skipped", {}))
+
+    def mark(task: Task, bad: dict[int, str]) -> None:
+        if bad:
+            skipped.update({str(k): v for k, v in bad.items()})
+            group.attrs["skipped"] = skipped
+        group["done"][task.key] = True
+
+    if tasks:
+        run_tasks(client, fn, tasks, label=label, on_done=mark, resources=resources)
+    return skipped
+
+
+def write_ragged(
+    client: Any,
+    group: zarr.Group,
+    *,
+    count_fn: Callable[..., list[tuple[int, str | None]]],
+    write_fn: Callable[..., None],
+    count_args: Callable[[int, int], tuple],
+    write_args: Callable[[int, int, np.ndarray], tuple],
+    num_frames: int,
+    frames_per_shard: int,
+    skip_bad: bool,
+    label: str,
+    shard_rows: int = RAGGED_ROWS_PER_SHARD,
+) -> np.ndarray:
+    """Count, fix ``offsets``, then write row shards. Returns the offsets (F+1,)."""
+    if not group.attrs.get("counted", False):
+        counts: list[tuple[int, str | None]] = [(0, None)] * num_frames
+        shards = frame_shards(num_frames, frames_per_shard)
+        tasks = [Task(i, b - a, count_args(a, b)) for i, (a, b) in enumerate(shards)]
+        results = run_tasks(
+            client, count_fn, tasks, label=f"{label} (count)", on_done=lambda t, r: None
+        )
+        for (a, _), res in zip(shards, results, strict=True):
+            counts[a : a + len(res)] = res
+        errors = {i: err for i, (_, err) in enumerate(counts) if err}
+        if errors and not skip_bad:
+            first = next(iter(errors.values()))
+            more = f" (and {len(errors) - 1} more bad frames)" if len(errors) > 1 else ""
+            raise FrameError(
+                f"{first}{more}; rerun with --skip-bad to record them as skipped and go on"
+            )
+        offsets = np.zeros(num_frames + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([0 if err else n for n, err in counts])
+        _resize_rows(group, int(offsets[-1]), shard_rows)
+        group["offsets"][:] = offsets
+        group.attrs["skipped"] = {str(i): err for i, err in errors.items()}
+        group.attrs["counted"] = True
+    offsets = np.asarray(group["offsets"][:])
+    rows = row_shards(int(offsets[-1]), shard_rows)
+    if "rows_done" not in group or group["rows_done"].shape[0] != len(rows):
+        arr = group.create_array(
+            "rows_done",
+            shape=(max(1, len(rows)),),
+            dtype="bool",
+            chunks=(1,),
+            fill_value=False,
+            overwrite=True,
+        )
+        arr[:] = False
+    done = done_map(group, "rows_done")
+    tasks = [
+        Task(i, _span(frame_rows(offsets, a, b)), write_args(a, b, offsets))
+        for i, (a, b) in enumerate(rows)
+        if not done[i]
+    ]
+    if tasks:
+
+        def mark(task: Task, _: Any) -> None:
+            group["rows_done"][task.key] = True
+
+        run_tasks(client, write_fn, tasks, label=f"{label} (write)", on_done=mark)
+    group["done"][:] = True
+    return offsets
+
+
+def _resize_rows(group: zarr.Group, rows: int, shard_rows: int) -> None:
+    """Re-create the ragged arrays with their final row count (zarr arrays have fixed shards)."""
+    from hilda.data_schemas.store import RAGGED_ROW_CHUNK
+
+    for name in list(group.array_keys()):
+        arr = group[name]
+        if name in ("offsets", "done", "rows_done") or arr.ndim == 0:
+            continue
+        chunk = max(1, min(RAGGED_ROW_CHUNK, rows))
+        shard = max(chunk, min(shard_rows, -(-rows // chunk) * chunk))
+        shard = -(-shard // chunk) * chunk
+        tail = tuple(arr.shape[1:])
+        dtype = arr.dtype
+        del group[name]
+        group.create_array(
+            name,
+            shape=(rows, *tail),
+            dtype=dtype,
+            chunks=(chunk, *tail),
+            shards=(shard, *tail),
+            fill_value=0,
+            overwrite=True,
+        )
+
+
+def _span(frames: tuple[int, int]) -> int:
+    return frames[1] - frames[0]
+
+
+def frame_rows(offsets: np.ndarray, start: int, stop: int) -> tuple[int, int]:
+    """Frames [f0, f1) whose rows overlap rows [start, stop)."""
+    f0 = int(np.searchsorted(offsets, start, "right") - 1)
+    f1 = int(np.searchsorted(offsets, stop, "left"))
+    return max(f0, 0), f1
+
+
+def gather_rows(
+    offsets: np.ndarray, start: int, stop: int, compute: Callable[[int], Sequence[np.ndarray]]
+) -> list[np.ndarray]:
+    """Rows [start, stop) of the concatenation of ``compute(frame)`` over the overlapping frames."""
+    f0, f1 = frame_rows(offsets, start, stop)
+    parts: list[list[np.ndarray]] = []
+    for f in range(f0, f1):
+        if offsets[f + 1] == offsets[f]:
+            continue
+        arrays = compute(f)
+        lo = max(start, offsets[f]) - offsets[f]
+        hi = min(stop, offsets[f + 1]) - offsets[f]
+        parts.append([a[lo:hi] for a in arrays])
+    return [np.concatenate(cols) for cols in zip(*parts, strict=True)]
+
+
+def open_for_stage(store: str, require: tuple[str, ...], dataset: str | None = None) -> zarr.Group:
+    """Validate then open the store writable."""
+    validate_store(store, require=require, dataset=dataset)
+    return zarr.open_group(store, mode="r+")
+
+
+def frame_error(kind: str, frame_token: str, detail: str) -> str:
+    return f"frame {frame_token}: {kind}: {detail}"
+
+
+__all__ = ["DatasetError", "FrameError", "StageOptions"]

@@ -1,0 +1,161 @@
+"""Stage 1, ``hilda-prep index``: the index group (frames, poses, calibration) and the points
+group (every keyframe sweep, CSR)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import zarr
+
+from hilda.data_schemas.records import Frame
+from hilda.data_schemas.store import DEFAULT_FRAMES_PER_SHARD, INDEX, POINTS
+from hilda.datasets import open_dataset
+from hilda.datasets.io import DatasetError, read_sweep
+from hilda.errors import HildaError
+from hilda.pipeline.stages.common import (
+    StageOptions,
+    gather_rows,
+    prepare_group,
+    record_stage,
+    stage_client,
+    write_ragged,
+)
+from hilda.pipeline.store_io import init_store
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    dataset: str
+    root: str
+    store: str
+    version: str = "v1.0-mini"
+    split: str = "all"
+    keyframe_every: int = 5
+    frames_per_shard: int = DEFAULT_FRAMES_PER_SHARD
+
+
+def index_arrays(frames: list[Frame], cameras: list[str]) -> dict[str, np.ndarray]:
+    """The index group's arrays for ``frames`` (pure; cameras in store order)."""
+    f, v = len(frames), len(cameras)
+    out = {
+        "token": np.array([fr.token for fr in frames], dtype=object),
+        "scene": np.array([fr.scene for fr in frames], dtype=object),
+        "timestamp": np.array([fr.timestamp for fr in frames], dtype=np.int64),
+        "prev": np.array([-1 if fr.prev is None else fr.prev for fr in frames], dtype=np.int32),
+        "next": np.array([-1 if fr.next is None else fr.next for fr in frames], dtype=np.int32),
+        "lidar_path": np.array([fr.lidar_file for fr in frames], dtype=object),
+        "labels_path": np.array([fr.labels_file or "" for fr in frames], dtype=object),
+        "lidar_to_ego": np.stack([fr.lidar_to_ego for fr in frames]) if f else np.zeros((0, 4, 4)),
+        "ego_to_global": np.stack([fr.ego_to_global for fr in frames])
+        if f
+        else np.zeros((0, 4, 4)),
+        "cam_intrinsics": np.zeros((f, v, 3, 3)),
+        "cam_to_ego": np.tile(np.eye(4), (f, v, 1, 1)),
+        "cam_ego_to_global": np.tile(np.eye(4), (f, v, 1, 1)),
+        "cam_timestamp": np.full((f, v), -1, dtype=np.int64),
+        "image_size": np.zeros((f, v, 2), dtype=np.int32),
+        "image_path": np.full((f, v), "", dtype=object),
+    }
+    for i, fr in enumerate(frames):
+        for cam in fr.cameras:
+            j = cameras.index(cam.name)
+            out["cam_intrinsics"][i, j] = cam.intrinsics
+            out["cam_to_ego"][i, j] = cam.cam_to_ego
+            out["cam_ego_to_global"][i, j] = cam.ego_to_global
+            out["cam_timestamp"][i, j] = cam.timestamp
+            out["image_size"][i, j] = (cam.width, cam.height)
+            out["image_path"][i, j] = cam.image_file
+    return out
+
+
+def count_sweeps(paths: list[str], tokens: list[str]) -> list[tuple[int, str | None]]:
+    """Dask task: (points, error) per frame; reading validates every sweep."""
+    out: list[tuple[int, str | None]] = []
+    for path, token in zip(paths, tokens, strict=True):
+        try:
+            out.append((len(read_sweep(path, token)), None))
+        except DatasetError as exc:
+            out.append((0, str(exc)))
+    return out
+
+
+def write_points(
+    store: str, start: int, stop: int, offsets: np.ndarray, paths: list[str], tokens: list[str]
+) -> None:
+    """Dask task: write rows [start, stop) of points/data (exactly one row shard)."""
+    (data,) = gather_rows(offsets, start, stop, lambda f: (read_sweep(paths[f], tokens[f]),))
+    zarr.open_array(store, path="points/data", mode="r+")[start:stop] = data
+
+
+def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
+    reader = open_dataset(
+        cfg.dataset,
+        cfg.root,
+        version=cfg.version,
+        split=cfg.split,  # type: ignore[arg-type]
+        keyframe_every=cfg.keyframe_every,
+    )
+    frames = reader.frames
+    if not frames:
+        raise DatasetError(f"no keyframes in {cfg.dataset} {cfg.root} ({cfg.version}, {cfg.split})")
+    cameras = list(dict.fromkeys(c.name for f in frames for c in f.cameras))  # first-seen order
+    config = {k: v for k, v in asdict(cfg).items() if k != "store"}
+    try:
+        root = zarr.open_group(cfg.store, mode="r+")
+        existing = dict(root.attrs.get("stages", {})).get("index", {}).get("config")
+        if options.overwrite or existing is None:
+            raise FileNotFoundError
+        if existing != config:
+            raise HildaError(
+                f"store {cfg.store} was indexed from {existing}, not {config}: use another --out "
+                "or --overwrite"
+            )
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        root = init_store(
+            cfg.store, dataset=cfg.dataset, version=cfg.version, split=cfg.split, overwrite=True
+        )
+        record_stage(root, "index", config)
+
+    dims = {"F": len(frames), "V": len(cameras)}
+    index_attrs = {
+        "cameras": cameras,
+        "num_frames": len(frames),
+        "frames_per_shard": cfg.frames_per_shard,
+        "dataset_root": cfg.root,
+    }
+    group = prepare_group(root, INDEX, dims, cfg.frames_per_shard, index_attrs, overwrite=False)
+    if not np.all(group["done"][:]):
+        for name, values in index_arrays(frames, cameras).items():
+            group[name][:] = values
+        group["done"][:] = True
+
+    points = prepare_group(
+        root,
+        POINTS,
+        {**dims, "P": 0},
+        cfg.frames_per_shard,
+        {"columns": ["x", "y", "z", "intensity"], "frame": "lidar"},
+        overwrite=False,
+    )
+    paths = [f.lidar_file for f in frames]
+    tokens = [f.token for f in frames]
+    with stage_client(cfg.store, options.cluster) as client:
+        offsets = write_ragged(
+            client,
+            points,
+            count_fn=count_sweeps,
+            write_fn=write_points,
+            count_args=lambda a, b: (paths[a:b], tokens[a:b]),
+            write_args=lambda a, b, off: (cfg.store, a, b, off, paths, tokens),
+            num_frames=len(frames),
+            frames_per_shard=cfg.frames_per_shard,
+            skip_bad=options.skip_bad,
+            label="points",
+        )
+    return {
+        "frames": len(frames),
+        "cameras": len(cameras),
+        "points": int(offsets[-1]),
+        "skipped": len(points.attrs.get("skipped", {})),
+    }

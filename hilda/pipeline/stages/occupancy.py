@@ -1,0 +1,106 @@
+"""Stage 4, ``hilda-prep build-occupancy``: the ego-compensated t+1 BEV occupancy of every
+frame that has a next keyframe, bit-packed; ``valid`` is false where there is none."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import zarr
+
+from hilda.data_schemas.store import OCCUPANCY
+from hilda.pipeline.ops.occupancy import OccupancyConfig, future_occupancy
+from hilda.pipeline.stages.common import (
+    FrameError,
+    StageOptions,
+    open_for_stage,
+    prepare_group,
+    record_stage,
+    run_frame_shards,
+    stage_client,
+)
+
+
+@dataclass(frozen=True)
+class OccupancyStageConfig:
+    store: str
+    occupancy: OccupancyConfig = OccupancyConfig()
+
+
+def _future_index(nxt: np.ndarray, f: int, horizon: int) -> int:
+    """Index of the keyframe ``horizon`` steps after f, or -1."""
+    g = f
+    for _ in range(horizon):
+        g = int(nxt[g])
+        if g < 0:
+            return -1
+    return g
+
+
+def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> dict[int, str]:
+    """Dask task: occupancy of frames [f0, f1); writes exactly one shard of bev and valid."""
+    root = zarr.open_group(cfg.store, mode="r")
+    index = root["index"]
+    nxt = np.asarray(index["next"][:])
+    tokens = np.asarray(index["token"][:])
+    lidar_paths = np.asarray(index["lidar_path"][:])
+    lidar_to_ego = np.asarray(index["lidar_to_ego"][:])  # (F, 4, 4): small, read once
+    ego_to_global = np.asarray(index["ego_to_global"][:])
+    offsets = np.asarray(root["points/offsets"][:])
+    points = root["points/data"]
+    occ = cfg.occupancy
+    bev = np.zeros((f1 - f0, occ.grid, occ.grid // 8), dtype=np.uint8)
+    valid = np.zeros(f1 - f0, dtype=bool)
+    bad: dict[int, str] = {}
+    for f in range(f0, f1):
+        g = _future_index(nxt, f, occ.horizon)
+        if g < 0:
+            continue
+        if offsets[g + 1] == offsets[g]:
+            bad[f] = (
+                f"frame {tokens[f]}: its t+{occ.horizon} frame {tokens[g]} has no points (skipped)"
+            )
+            continue
+        future = np.asarray(points[offsets[g] : offsets[g + 1]])
+        transforms = (lidar_to_ego[g], ego_to_global[g], lidar_to_ego[f], ego_to_global[f])
+        try:
+            bev[f - f0] = future_occupancy(future, transforms, occ, seed=f)
+        except ValueError as exc:
+            msg = f"frame {tokens[f]}: occupancy from {lidar_paths[g]} failed: {exc}"
+            if not skip_bad:
+                raise FrameError(msg + "; rerun with --skip-bad to record it as skipped") from None
+            bad[f] = msg
+            continue
+        valid[f - f0] = True
+    group = zarr.open_group(cfg.store, mode="r+", path="occupancy")
+    group["bev"][f0:f1] = bev
+    group["valid"][f0:f1] = valid
+    return bad
+
+
+def run_occupancy(cfg: OccupancyStageConfig, options: StageOptions) -> dict[str, int]:
+    root = open_for_stage(cfg.store, require=("index", "points"))
+    index = root["index"]
+    num_frames = int(index.attrs["num_frames"])
+    fps = int(index.attrs["frames_per_shard"])
+    occ = cfg.occupancy
+    dims = {"F": num_frames, "H": occ.grid, "W8": occ.grid // 8}
+    group = prepare_group(root, OCCUPANCY, dims, fps, occ.attrs(), overwrite=options.overwrite)
+    with stage_client(cfg.store, options.cluster) as client:
+        skipped = run_frame_shards(
+            client,
+            group,
+            build_shard,
+            lambda a, b: (cfg, a, b, options.skip_bad),
+            num_frames=num_frames,
+            frames_per_shard=fps,
+            label="occupancy",
+        )
+    record_stage(root, "occupancy", asdict(occ))
+    valid = int(np.asarray(group["valid"][:]).sum())
+    return {
+        "frames": num_frames,
+        "valid": valid,
+        "no_future": num_frames - valid - len(skipped),
+        "skipped": len(skipped),
+    }

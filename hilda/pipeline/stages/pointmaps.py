@@ -1,0 +1,121 @@
+"""Stage 2, ``hilda-prep build-pointmaps``: point-pixel pairs per frame and camera (CSR)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import zarr
+
+from hilda.data_schemas.store import POINTMAPS
+from hilda.pipeline.ops.occlusion import OcclusionRule, visible_mask
+from hilda.pipeline.ops.projection import frame_pairs
+from hilda.pipeline.stages.common import (
+    StageOptions,
+    gather_rows,
+    open_for_stage,
+    prepare_group,
+    record_stage,
+    stage_client,
+    write_ragged,
+)
+
+MIN_DEPTH = 1.0  # nuscenes-devkit map_pointcloud_to_image
+BORDER_PX = 1.0
+
+
+@dataclass(frozen=True)
+class PointmapConfig:
+    store: str
+    occlusion: bool = True
+    rule: OcclusionRule = OcclusionRule()
+
+
+class _FrameSource:
+    """Reads what one frame's pairs need from the store (opened once per task)."""
+
+    def __init__(self, store: str, f0: int, f1: int) -> None:
+        root = zarr.open_group(store, mode="r")
+        self.f0 = f0
+        self.offsets = np.asarray(root["points/offsets"][f0 : f1 + 1])
+        self.points = root["points/data"]
+        index = root["index"]
+        self.calib = {
+            k: np.asarray(index[k][f0:f1])
+            for k in (
+                "lidar_to_ego",
+                "ego_to_global",
+                "cam_intrinsics",
+                "cam_to_ego",
+                "cam_ego_to_global",
+                "image_size",
+            )
+        }
+
+    def pairs(self, f: int, cfg: PointmapConfig) -> tuple[np.ndarray, ...]:
+        i = f - self.f0
+        pts = np.asarray(self.points[self.offsets[i] : self.offsets[i + 1]])
+        visible = functools.partial(visible_mask, rule=cfg.rule) if cfg.occlusion else None
+        c = self.calib
+        return frame_pairs(
+            pts,
+            c["lidar_to_ego"][i],
+            c["ego_to_global"][i],
+            c["cam_intrinsics"][i],
+            c["cam_to_ego"][i],
+            c["cam_ego_to_global"][i],
+            c["image_size"][i],
+            visible=visible,
+            min_depth=MIN_DEPTH,
+            border=BORDER_PX,
+        )
+
+
+def count_pairs(cfg: PointmapConfig, f0: int, f1: int) -> list[tuple[int, str | None]]:
+    """Dask task: pair counts of frames [f0, f1)."""
+    src = _FrameSource(cfg.store, f0, f1)
+    return [(len(src.pairs(f, cfg)[0]), None) for f in range(f0, f1)]
+
+
+def write_pairs(cfg: PointmapConfig, start: int, stop: int, offsets: np.ndarray) -> None:
+    """Dask task: write rows [start, stop) of every pointmaps array."""
+    from hilda.pipeline.stages.common import frame_rows
+
+    f0, f1 = frame_rows(offsets, start, stop)
+    src = _FrameSource(cfg.store, f0, max(f1, f0 + 1))
+    cols = gather_rows(offsets, start, stop, lambda f: src.pairs(f, cfg))
+    group = zarr.open_group(cfg.store, mode="r+", path="pointmaps")
+    for name, values in zip(("point", "cam", "uv", "depth"), cols, strict=True):
+        group[name][start:stop] = values
+
+
+def run_pointmaps(cfg: PointmapConfig, options: StageOptions) -> dict[str, int]:
+    root = open_for_stage(cfg.store, require=("index", "points"))
+    index = root["index"]
+    num_frames = int(index.attrs["num_frames"])
+    fps = int(index.attrs["frames_per_shard"])
+    dims = {"F": num_frames, "V": len(index.attrs["cameras"]), "Q": 0}
+    attrs = {
+        "occlusion": cfg.rule.describe() if cfg.occlusion else None,
+        "min_depth": MIN_DEPTH,
+        "border_px": BORDER_PX,
+        "projection": "nuscenes-devkit map_pointcloud_to_image chain: lidar -> ego(t_lidar) -> "
+        "global -> ego(t_cam) -> camera; uv in original-image pixels",
+    }
+    group = prepare_group(root, POINTMAPS, dims, fps, attrs, overwrite=options.overwrite)
+    with stage_client(cfg.store, options.cluster) as client:
+        offsets = write_ragged(
+            client,
+            group,
+            count_fn=count_pairs,
+            write_fn=write_pairs,
+            count_args=lambda a, b: (cfg, a, b),
+            write_args=lambda a, b, off: (cfg, a, b, off),
+            num_frames=num_frames,
+            frames_per_shard=fps,
+            skip_bad=options.skip_bad,
+            label="pointmaps",
+        )
+    record_stage(root, "pointmaps", {"occlusion": cfg.occlusion, **asdict(cfg.rule)})
+    return {"frames": num_frames, "pairs": int(offsets[-1])}
