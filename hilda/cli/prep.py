@@ -283,3 +283,99 @@ def build_occupancy_cmd(
     console.print(
         f"[green]occupancy[/] {store}: " + ", ".join(f"{k} {v:,}" for k, v in summary.items())
     )
+
+
+@app.command("extract-teacher")
+@fail_cleanly
+def extract_teacher_cmd(
+    store: Store,
+    teacher: Annotated[
+        str, typer.Option(help="HF id, local dir, dinov2_*_pretrain.pth, or random:vits14")
+    ] = "random:vits14",
+    layers: Annotated[
+        str, typer.Option(help="lastK or block indices, e.g. last2 or 10,11")
+    ] = "last2",
+    image_size: Annotated[
+        str, typer.Option(help="WxH fed to the teacher (multiples of 14)")
+    ] = "448x224",
+    norm: Annotated[
+        bool, typer.Option(help="apply the final LayerNorm to each block output")
+    ] = True,
+    codec: Annotated[str, typer.Option(help="float16 | bitround | int8")] = "float16",
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 6,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    name: Annotated[str | None, typer.Option(help="group name under teacher/")] = None,
+    workers: Workers = 1,
+    scheduler: Scheduler = None,
+    overwrite: Overwrite = False,
+    skip_bad: SkipBad = False,
+) -> None:
+    """Stage 3: DINOv2 multi-layer patch grids and CLS tokens of every camera image."""
+    from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
+
+    cfg = TeacherConfig(
+        store=store,
+        teacher=teacher,
+        layers=layers,
+        image_size=parse_size(image_size),
+        norm=norm,
+        codec=codec,
+        batch_size=batch_size,
+        device=device,
+        name=name,
+    )
+    summary = run_teacher(
+        cfg, _stage_options(workers, scheduler, overwrite, skip_bad, gpu=device == "cuda")
+    )
+    console.print(
+        f"[green]teacher/{cfg.group_name()}[/] {store}: "
+        + ", ".join(f"{k} {v}" for k, v in summary.items())
+    )
+
+
+@app.command("info")
+@fail_cleanly
+def info_cmd(store: Store) -> None:
+    """Frames, stages complete, bytes per frame per group, teacher provenance, codec fidelity."""
+    from hilda.pipeline.stages.info import store_info
+
+    info = store_info(store)
+    console.print(
+        f"[bold]{store}[/]: {info['dataset']} {info['version']} {info['split']}, "
+        f"{info['frames']} frames, cameras {', '.join(info['cameras'])}, "
+        f"schema {info['schema_version']}"
+    )
+    table = Table()
+    for col in ("group", "complete", "shards", "KiB/frame", "skipped", "contents"):
+        table.add_column(col)
+    for name, g in info["groups"].items():
+        short = {k: g[k] for k in ("points", "pairs", "valid", "codec") if k in g}
+        table.add_row(
+            name,
+            "yes" if g["complete"] else "[red]no[/]",
+            g["shards_done"],
+            f"{g['bytes_per_frame'] / 1024:,.1f}",
+            str(g["skipped"]),
+            ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in short.items()),
+        )
+    console.print(table)
+    for name, g in info["groups"].items():
+        if not name.startswith("teacher/"):
+            continue
+        console.print(f"[bold]{name}[/]")
+        for key in (
+            "model_id",
+            "random_init",
+            "weights_hash",
+            "blocks",
+            "image_size",
+            "grid",
+            "dim",
+            "norm",
+            "codec",
+        ):
+            console.print(f"  {key}: {g[key]}")
+        for layer, fid in g["fidelity"].items():
+            console.print(
+                f"  fidelity {layer}: mean cos {fid['mean_cos']:.6f}, min cos {fid['min_cos']:.6f}"
+            )

@@ -131,13 +131,17 @@ TEACHER_ATTRS = (
     "dim",
     "norm",
     "codec",
+    "storage_dtype",
 )
 
 
 def teacher_group(name: str, blocks: Iterable[int], dtype: str = "float16") -> GroupSpec:
-    """Spec of ``teacher/<name>`` for the given stored block indices and storage dtype."""
+    """Spec of ``teacher/<name>`` for the given stored block indices and storage dtype
+    (float16, float32 for bit-rounded features, or int8 with per-channel ``_scale`` arrays)."""
     blocks = tuple(blocks)
     arrays = tuple(ArraySpec(f"layer_{k}", dtype, ("F", "V", "h", "w", "D")) for k in blocks)
+    if dtype == "int8":
+        arrays += tuple(ArraySpec(f"layer_{k}_scale", "float32", ("F", "V", "D")) for k in blocks)
     arrays += (ArraySpec("cls", "float32", ("F", "V", len(blocks), "D")),)
     return GroupSpec(name=f"teacher/{name}", arrays=arrays, required_attrs=TEACHER_ATTRS)
 

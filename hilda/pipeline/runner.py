@@ -9,6 +9,7 @@ flight, and a rerun skips the rest.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
             threads_per_worker=1,
             processes=cfg.processes,
             dashboard_address=None,
-            silence_logs=40,
+            silence_logs=logging.CRITICAL,  # worker shutdown chatter; task errors still raise
             **kwargs,
         ) as cluster,
         Client(cluster) as client,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ class FrameError(HildaError):
 
 @dataclass(frozen=True)
 class StageOptions:
-    cluster: ClusterConfig = ClusterConfig()
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     overwrite: bool = False
     skip_bad: bool = False
 
@@ -116,24 +116,28 @@ def run_frame_shards(
     frames_per_shard: int,
     label: str,
     resources: dict[str, float] | None = None,
-) -> dict[str, str]:
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """Run ``fn(*args(start, stop))`` per frame shard not yet done and mark each shard done
-    as it finishes. A task returns {frame index: reason} for frames it skipped (with
-    --skip-bad); they are merged into the group's ``skipped`` attribute, which is returned."""
+    as it finishes. A task returns a dict whose ``skipped`` maps frame index -> reason for
+    frames it skipped (with --skip-bad); they are merged into the group's ``skipped``
+    attribute. Returns (all skipped frames, the results of the tasks run now)."""
     done = done_map(group)
     shards = frame_shards(num_frames, frames_per_shard)
     tasks = [Task(i, b - a, args(a, b)) for i, (a, b) in enumerate(shards) if not done[i]]
     skipped = dict(group.attrs.get("skipped", {}))
 
-    def mark(task: Task, bad: dict[int, str]) -> None:
-        if bad:
-            skipped.update({str(k): v for k, v in bad.items()})
+    def mark(task: Task, result: dict[str, Any]) -> None:
+        if result.get("skipped"):
+            skipped.update({str(k): v for k, v in result["skipped"].items()})
             group.attrs["skipped"] = skipped
         group["done"][task.key] = True
 
-    if tasks:
+    results = (
         run_tasks(client, fn, tasks, label=label, on_done=mark, resources=resources)
-    return skipped
+        if tasks
+        else []
+    )
+    return skipped, results
 
 
 def write_ragged(

@@ -3,7 +3,7 @@ frame that has a next keyframe, bit-packed; ``valid`` is false where there is no
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import zarr
@@ -24,7 +24,7 @@ from hilda.pipeline.stages.common import (
 @dataclass(frozen=True)
 class OccupancyStageConfig:
     store: str
-    occupancy: OccupancyConfig = OccupancyConfig()
+    occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
 
 
 def _future_index(nxt: np.ndarray, f: int, horizon: int) -> int:
@@ -37,7 +37,7 @@ def _future_index(nxt: np.ndarray, f: int, horizon: int) -> int:
     return g
 
 
-def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> dict[int, str]:
+def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> dict[str, dict]:
     """Dask task: occupancy of frames [f0, f1); writes exactly one shard of bev and valid."""
     root = zarr.open_group(cfg.store, mode="r")
     index = root["index"]
@@ -75,7 +75,7 @@ def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> 
     group = zarr.open_group(cfg.store, mode="r+", path="occupancy")
     group["bev"][f0:f1] = bev
     group["valid"][f0:f1] = valid
-    return bad
+    return {"skipped": bad}
 
 
 def run_occupancy(cfg: OccupancyStageConfig, options: StageOptions) -> dict[str, int]:
@@ -87,7 +87,7 @@ def run_occupancy(cfg: OccupancyStageConfig, options: StageOptions) -> dict[str,
     dims = {"F": num_frames, "H": occ.grid, "W8": occ.grid // 8}
     group = prepare_group(root, OCCUPANCY, dims, fps, occ.attrs(), overwrite=options.overwrite)
     with stage_client(cfg.store, options.cluster) as client:
-        skipped = run_frame_shards(
+        skipped, _ = run_frame_shards(
             client,
             group,
             build_shard,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import zarr
@@ -29,7 +29,7 @@ BORDER_PX = 1.0
 class PointmapConfig:
     store: str
     occlusion: bool = True
-    rule: OcclusionRule = OcclusionRule()
+    rule: OcclusionRule = field(default_factory=OcclusionRule)
 
 
 class _FrameSource:

@@ -1,0 +1,334 @@
+"""The frozen DINOv2 teacher through ``transformers``: loading, multi-layer patch features and
+CLS tokens.
+
+Sources (``build_teacher``):
+- ``random:vits14`` / ``random:vitb14`` / ... (``_reg`` suffix for 4 registers): a randomly
+  initialised model of that size (seeded), for tests and the demo;
+- an official facebookresearch checkpoint ``dinov2_vit*14*_pretrain.pth`` (keys converted);
+- a local directory saved by ``save_pretrained``;
+- a Hugging Face id (``facebook/dinov2-base``), when cached or online.
+
+Features follow DINOv2's ``get_intermediate_layers(norm=True)``: the output of each selected
+block with the final LayerNorm applied (``norm=False`` keeps the raw block output), CLS and
+register tokens stripped, reshaped to the (h, w) patch grid. Position embeddings are resized by
+transformers' ``Dinov2Embeddings.interpolate_pos_encoding`` (bicubic to the target grid; the
+official code adds 0.1 to the scale factor and the register models use antialiasing, so
+features at non-native sizes differ slightly from the official implementation's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from hilda.errors import ConfigError
+
+# name -> (dim, depth, heads, swiglu)
+SIZES: dict[str, tuple[int, int, int, bool]] = {
+    "vits14": (384, 12, 6, False),
+    "vitb14": (768, 12, 12, False),
+    "vitl14": (1024, 24, 16, False),
+    "vitg14": (1536, 40, 24, True),
+}
+PATCH = 14
+NATIVE_IMAGE = 518  # official pos_embed covers 37 x 37 patches
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    model_id: str
+    arch: str
+    dim: int
+    depth: int
+    registers: int
+    weights_hash: str
+    random_init: bool
+
+
+def _config(arch: str, registers: int):
+    from transformers import Dinov2Config, Dinov2WithRegistersConfig
+
+    dim, depth, heads, swiglu = SIZES[arch]
+    kwargs = dict(
+        hidden_size=dim,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        image_size=NATIVE_IMAGE,
+        patch_size=PATCH,
+        layerscale_value=1e-5,
+        use_swiglu_ffn=swiglu,
+        mlp_ratio=4,
+    )
+    if registers:
+        return Dinov2WithRegistersConfig(num_register_tokens=registers, **kwargs)
+    return Dinov2Config(**kwargs)
+
+
+def _model_from_config(config) -> nn.Module:
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    cls = Dinov2WithRegistersModel if getattr(config, "num_register_tokens", 0) else Dinov2Model
+    return cls(config)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over the state dict (sorted keys, raw bytes), first 16 hex digits."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- official checkpoint keys <-> transformers keys -------------------------------------------
+
+
+def _attention_names(model: nn.Module) -> tuple[str, str, str, str]:
+    """(q, k, v, out) parameter prefixes inside a block: transformers 5 vs 4 naming."""
+    keys = model.state_dict().keys()
+    if any(".attention.q_proj." in k for k in keys):
+        return "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"
+    return (
+        "attention.attention.query",
+        "attention.attention.key",
+        "attention.attention.value",
+        "attention.output.dense",
+    )
+
+
+def _block_map(model: nn.Module, swiglu: bool) -> list[tuple[str, str]]:
+    """(official suffix, transformers suffix) pairs for one block, besides the fused qkv."""
+    _, _, _, out = _attention_names(model)
+    pairs = [
+        ("norm1", "norm1"),
+        ("attn.proj", out),
+        ("ls1.gamma", "layer_scale1.lambda1"),
+        ("norm2", "norm2"),
+        ("ls2.gamma", "layer_scale2.lambda1"),
+    ]
+    mlp = (
+        [("mlp.w12", "mlp.weights_in"), ("mlp.w3", "mlp.weights_out")]
+        if swiglu
+        else [("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
+    )
+    return pairs + mlp
+
+
+def official_to_hf(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Convert an official DINOv2 state dict to ``model``'s (transformers) keys."""
+    swiglu = any(".mlp.w12." in k for k in state)
+    q, k, v, _ = _attention_names(model)
+    out: dict[str, torch.Tensor] = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.position_embeddings": state["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    out["embeddings.mask_token"] = state.get("mask_token", torch.zeros_like(state["cls_token"][0]))
+    if "register_tokens" in state:
+        out["embeddings.register_tokens"] = state["register_tokens"]
+    depth = 1 + max(int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key)))
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for off, hf in _block_map(model, swiglu):
+            for kind in ("weight", "bias", ""):
+                key = f"{src}{off}.{kind}" if kind else f"{src}{off}"
+                if key in state:
+                    out[f"{dst}{hf}.{kind}" if kind else f"{dst}{hf}"] = state[key]
+        for kind in ("weight", "bias"):
+            qkv = state[f"{src}attn.qkv.{kind}"]
+            for name, part in zip((q, k, v), qkv.chunk(3, dim=0), strict=True):
+                out[f"{dst}{name}.{kind}"] = part
+    return out
+
+
+def hf_to_official(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of ``official_to_hf`` (to export, and to test the loader)."""
+    state = model.state_dict()
+    swiglu = any(".mlp.weights_in." in k for k in state)
+    q, k, v, _ = _attention_names(model)
+    out = {
+        "cls_token": state["embeddings.cls_token"],
+        "pos_embed": state["embeddings.position_embeddings"],
+        "mask_token": state["embeddings.mask_token"],
+        "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": state["layernorm.weight"],
+        "norm.bias": state["layernorm.bias"],
+    }
+    if "embeddings.register_tokens" in state:
+        out["register_tokens"] = state["embeddings.register_tokens"]
+    depth = 1 + max(
+        int(m.group(1)) for key in state if (m := re.match(r"encoder\.layer\.(\d+)\.", key))
+    )
+    for i in range(depth):
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        for off, hf in _block_map(model, swiglu):
+            for kind in ("weight", "bias", ""):
+                key = f"{src}{hf}.{kind}" if kind else f"{src}{hf}"
+                if key in state:
+                    out[f"{dst}{off}.{kind}" if kind else f"{dst}{off}"] = state[key]
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{kind}"] = torch.cat([state[f"{src}{n}.{kind}"] for n in (q, k, v)])
+    return out
+
+
+def _arch_of(state: dict[str, torch.Tensor], path: str) -> tuple[str, int]:
+    dim = int(state["cls_token"].shape[-1])
+    registers = int(state["register_tokens"].shape[1]) if "register_tokens" in state else 0
+    for name, (d, depth, _, _) in SIZES.items():
+        blocks = {int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))}
+        if d == dim and len(blocks) == depth:
+            return name, registers
+    raise ConfigError(f"{path}: a DINOv2 checkpoint of width {dim} matches no ViT-S/B/L/g size")
+
+
+def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
+    """Load the teacher named by ``source`` (see module doc); eval mode, gradients off."""
+    random_init = source.startswith("random:")
+    if random_init:
+        arch = source.split(":", 1)[1]
+        registers = 4 if arch.endswith("_reg") else 0
+        arch = arch.removesuffix("_reg")
+        if arch not in SIZES:
+            raise ConfigError(
+                f"unknown teacher size {arch!r} in {source!r}; use one of {sorted(SIZES)}"
+            )
+        torch.manual_seed(0)  # the same random teacher everywhere
+        model = _model_from_config(_config(arch, registers))
+    elif source.endswith((".pth", ".pt")):
+        if not os.path.isfile(source):
+            raise ConfigError(f"teacher checkpoint {source} does not exist")
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        arch, registers = _arch_of(state, source)
+        model = _model_from_config(_config(arch, registers))
+        missing = model.load_state_dict(official_to_hf(state, model), strict=True)
+        del missing
+    else:
+        from transformers import AutoConfig, AutoModel
+
+        try:
+            config = AutoConfig.from_pretrained(source)
+            model = AutoModel.from_pretrained(source, config=config)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot load teacher {source!r}: {exc}. Without network access pass a local "
+                "directory, an official dinov2_*_pretrain.pth file, or random:vits14"
+            ) from None
+        dim = model.config.hidden_size
+        arch = next((n for n, s in SIZES.items() if s[0] == dim), f"vit-{dim}")
+        registers = int(getattr(model.config, "num_register_tokens", 0))
+    model.eval().requires_grad_(False)
+    config = model.config
+    info = TeacherInfo(
+        model_id=source,
+        arch=arch,
+        dim=int(config.hidden_size),
+        depth=int(config.num_hidden_layers),
+        registers=registers,
+        weights_hash=weights_hash(model),
+        random_init=random_init,
+    )
+    return model, info
+
+
+def parse_layers(spec: str, depth: int) -> list[int]:
+    """``lastK`` or comma-separated block indices (negative counts from the end) -> sorted
+    0-based block indices."""
+    spec = spec.strip()
+    if m := re.fullmatch(r"last(\d+)", spec):
+        k = int(m.group(1))
+        if not 1 <= k <= depth:
+            raise ConfigError(f"--layers {spec}: the teacher has {depth} blocks")
+        return list(range(depth - k, depth))
+    try:
+        blocks = sorted(
+            {int(x) % depth if -depth <= int(x) < depth else int(x) for x in spec.split(",")}
+        )
+    except ValueError:
+        raise ConfigError(
+            f"--layers must be lastK or block indices like 10,11; got {spec!r}"
+        ) from None
+    if any(not 0 <= b < depth for b in blocks):
+        raise ConfigError(f"--layers {spec}: block indices must be in [0, {depth})")
+    return blocks
+
+
+class MultiLayerTeacher(nn.Module):
+    """Patch-grid features and CLS tokens of selected blocks of a DINOv2 model."""
+
+    def __init__(self, model: nn.Module, blocks: list[int], norm: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.blocks = blocks
+        self.norm = norm
+        self.skip = 1 + int(getattr(model.config, "num_register_tokens", 0))  # CLS (+ registers)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W), H and W multiples of 14 ->
+        patches (B, K, h, w, D) and cls (B, K, D)."""
+        b, _, height, width = images.shape
+        if height % PATCH or width % PATCH:
+            raise ConfigError(f"image size {width}x{height} must be a multiple of {PATCH}")
+        out = self.model(pixel_values=images, output_hidden_states=True)
+        # hidden_states[0] is the embedding output; block i's output is hidden_states[i + 1].
+        tokens = torch.stack([out.hidden_states[i + 1] for i in self.blocks], dim=1)  # (B, K, N, D)
+        if self.norm:
+            tokens = self.model.layernorm(tokens)
+        h, w = height // PATCH, width // PATCH
+        patches = tokens[:, :, self.skip :].reshape(b, len(self.blocks), h, w, -1)
+        return patches, tokens[:, :, 0]
+
+
+def preprocess(images: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 images already at the target size -> (B, 3, H, W) ImageNet-normalised."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def enable_xformers(model: nn.Module) -> bool:
+    """On CUDA, route attention through xformers' memory-efficient kernel (registered with
+    transformers' attention interface). Returns False (SDPA stays) when xformers is absent or
+    cannot load its CUDA ops."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import xformers.ops as xops
+        from transformers import AttentionInterface
+    except ImportError:
+        return False
+
+    def xformers_attention(
+        module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_
+    ):
+        # transformers passes (B, heads, N, Dh); xformers wants (B, N, heads, Dh) and returns it.
+        out = xops.memory_efficient_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attn_bias=None,
+            p=dropout if module.training else 0.0,
+            scale=scaling,
+        )
+        return out.contiguous(), None
+
+    AttentionInterface.register("xformers", xformers_attention)
+    try:
+        model.set_attn_implementation("xformers")
+    except (ValueError, AttributeError):
+        model.config._attn_implementation = "xformers"
+    return True

@@ -1,0 +1,80 @@
+"""``hilda-prep info``: what a store holds (frames, stages complete, bytes per frame per group,
+teacher provenance, codec fidelity)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from hilda.data_schemas.validate import validate_store
+
+
+def _group_bytes(group: zarr.Group) -> int:
+    """Stored (compressed) bytes of every array under ``group``."""
+    total = 0
+    for _, arr in group.arrays():
+        total += int(arr.nbytes_stored())
+    for _, sub in group.groups():
+        total += _group_bytes(sub)
+    return total
+
+
+def store_info(store: str) -> dict[str, Any]:
+    root = validate_store(store)
+    index = root["index"]
+    frames = int(index.attrs["num_frames"])
+    out: dict[str, Any] = {
+        "store": store,
+        "dataset": root.attrs["dataset"],
+        "version": root.attrs["version"],
+        "split": root.attrs["split"],
+        "schema_version": root.attrs["schema_version"],
+        "frames": frames,
+        "cameras": list(index.attrs["cameras"]),
+        "groups": {},
+    }
+    groups = [("index", index)] + [
+        (n, root[n]) for n in ("points", "pointmaps", "occupancy") if n in root
+    ]
+    if "teacher" in root:
+        groups += [(f"teacher/{n}", g) for n, g in root["teacher"].groups()]
+    for name, group in groups:
+        done = np.asarray(group["done"][:]) if "done" in group else np.array([True])
+        entry: dict[str, Any] = {
+            "complete": bool(done.all()),
+            "shards_done": f"{int(done.sum())}/{done.size}",
+            "bytes_per_frame": _group_bytes(group) / max(frames, 1),
+            "skipped": len(group.attrs.get("skipped", {})),
+        }
+        if name.startswith("teacher/"):
+            attrs = dict(group.attrs)
+            entry.update(
+                {
+                    k: attrs.get(k)
+                    for k in (
+                        "model_id",
+                        "random_init",
+                        "weights_hash",
+                        "blocks",
+                        "image_size",
+                        "grid",
+                        "dim",
+                        "norm",
+                        "codec",
+                    )
+                }
+            )
+            entry["fidelity"] = {
+                layer: {"mean_cos": round(v["mean_cos"], 6), "min_cos": round(v["min_cos"], 6)}
+                for layer, v in attrs.get("codec_fidelity", {}).items()
+            }
+        if name == "occupancy":
+            entry["valid"] = int(np.asarray(group["valid"][:]).sum())
+        if name == "pointmaps":
+            entry["pairs"] = int(group["offsets"][-1])
+        if name == "points":
+            entry["points"] = int(group["offsets"][-1])
+        out["groups"][name] = entry
+    return out

@@ -1,0 +1,249 @@
+"""Stage 3, ``hilda-prep extract-teacher``: DINOv2 multi-layer patch grids and CLS tokens of
+every camera image, stored on the patch grid (the trainer samples it bilinearly at each
+pair's uv, which equals upsample-then-index)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from hilda.data_schemas.store import teacher_group
+from hilda.datasets.io import DatasetError, read_image
+from hilda.errors import ConfigError
+from hilda.models.teacher import (
+    PATCH,
+    MultiLayerTeacher,
+    TeacherInfo,
+    build_teacher,
+    enable_xformers,
+    parse_layers,
+    preprocess,
+)
+from hilda.pipeline.ops import codecs
+from hilda.pipeline.stages.common import (
+    FrameError,
+    StageOptions,
+    open_for_stage,
+    prepare_group,
+    record_stage,
+    run_frame_shards,
+    stage_client,
+)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    store: str
+    teacher: str = "random:vits14"
+    layers: str = "last2"
+    image_size: tuple[int, int] = (448, 224)  # (width, height), multiples of 14
+    norm: bool = True
+    codec: str = "float16"
+    batch_size: int = 6
+    device: str = "cpu"
+    name: str | None = None  # group name under teacher/; default from the teacher id
+
+    def group_name(self) -> str:
+        if self.name:
+            return self.name
+        base = os.path.basename(self.teacher.rstrip("/")).replace(":", "_").replace(".", "_")
+        return base or "teacher"
+
+
+_CACHE: dict[tuple, tuple[MultiLayerTeacher, TeacherInfo, torch.device]] = {}
+
+
+def _teacher(cfg: TeacherConfig) -> tuple[MultiLayerTeacher, TeacherInfo, torch.device]:
+    """The worker's teacher, built once per process."""
+    key = (cfg.teacher, cfg.layers, cfg.norm, cfg.device)
+    if key not in _CACHE:
+        model, info = build_teacher(cfg.teacher)
+        device = torch.device("cpu")
+        if cfg.device == "cuda":
+            index = 0
+            try:  # one GPU per Dask worker: the worker's number picks the device
+                from distributed import get_worker
+
+                index = int(get_worker().name) % torch.cuda.device_count()
+            except (ValueError, ImportError, TypeError):
+                pass
+            device = torch.device("cuda", index)
+            model = model.to(device)
+            enable_xformers(model)
+        _CACHE[key] = (
+            MultiLayerTeacher(model, parse_layers(cfg.layers, info.depth), cfg.norm),
+            info,
+            device,
+        )
+    return _CACHE[key]
+
+
+def load_images(paths: list[str], size: tuple[int, int], frame: str) -> list[np.ndarray]:
+    """Decode (libjpeg draft mode to near the target size) and resize to ``size`` (W, H)."""
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        img = read_image(path, frame, draft=size)
+        out.append(np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8))
+    return out
+
+
+def extract_shard(
+    cfg: TeacherConfig, f0: int, f1: int, skip_bad: bool, threads: int
+) -> dict[str, Any]:
+    """Dask task: features of frames [f0, f1); writes exactly one shard of each array."""
+    torch.set_num_threads(threads)
+    teacher, info, device = _teacher(cfg)
+    root = zarr.open_group(cfg.store, mode="r")
+    tokens = np.asarray(root["index/token"][f0:f1])
+    paths = np.asarray(root["index/image_path"][f0:f1])  # (n, V)
+    width, height = cfg.image_size
+    n, v = paths.shape
+    k, h, w, dim = len(teacher.blocks), height // PATCH, width // PATCH, info.dim
+    skipped: dict[int, str] = {}
+    images: list[np.ndarray] = []
+    where: list[tuple[int, int]] = []  # (frame in shard, camera) of each decoded image
+    for i in range(n):
+        present = [j for j in range(v) if paths[i, j]]
+        try:
+            images += load_images([paths[i, j] for j in present], cfg.image_size, str(tokens[i]))
+        except DatasetError as exc:
+            if not skip_bad:
+                raise FrameError(
+                    f"{exc}; rerun with --skip-bad to record the frame as skipped"
+                ) from None
+            skipped[f0 + i] = str(exc)
+            continue
+        where += [(i, j) for j in present]
+    feats = np.zeros((n, v, k, h, w, dim), dtype=np.float32)  # skipped frames stay zero
+    cls = np.zeros((n, v, k, dim), dtype=np.float32)
+    for s in range(0, len(images), cfg.batch_size):
+        batch = preprocess(images[s : s + cfg.batch_size]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            patches, tokens_cls = teacher(batch)  # (B, K, h, w, D), (B, K, D)
+        for (i, j), p, c in zip(
+            where[s : s + cfg.batch_size],
+            patches.float().cpu().numpy(),
+            tokens_cls.float().cpu().numpy(),
+            strict=True,
+        ):
+            feats[i, j], cls[i, j] = p, c
+    group = zarr.open_group(cfg.store, mode="r+", path=f"teacher/{cfg.group_name()}")
+    stats: dict[str, list[float]] = {}
+    rows, cams = (
+        (np.array(x, dtype=np.int64) for x in zip(*where, strict=True)) if where else ([], [])
+    )
+    for layer, block in enumerate(teacher.blocks):
+        x = feats[:, :, layer]  # (n, V, h, w, D)
+        values, scale = codecs.encode(x, cfg.codec)
+        group[f"layer_{block}"][f0:f1] = values
+        if scale is not None:
+            group[f"layer_{block}_scale"][f0:f1] = scale
+        if where:
+            decoded = codecs.decode(
+                values[rows, cams], None if scale is None else scale[rows, cams]
+            )
+            cos = codecs.token_cosines(x[rows, cams], decoded)
+            stats[f"layer_{block}"] = [float(cos.sum()), float(cos.size), float(cos.min())]
+    group["cls"][f0:f1] = cls
+    return {"skipped": skipped, "stats": stats}
+
+
+def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
+    width, height = cfg.image_size
+    if width % PATCH or height % PATCH:
+        raise ConfigError(f"--image-size {width}x{height}: both sides must be multiples of {PATCH}")
+    if cfg.codec not in codecs.CODECS:
+        raise ConfigError(f"--codec {cfg.codec!r}: use one of {codecs.CODECS}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to torch")
+    root = open_for_stage(cfg.store, require=("index",))
+    _, info = build_teacher(cfg.teacher)
+    if info.random_init:
+        from hilda.pipeline.runner import console
+
+        console.print(
+            f"[bold yellow]WARNING: teacher {cfg.teacher} is a RANDOMLY INITIALISED DINOv2 "
+            f"({info.arch}); its features carry no learned semantics. "
+            "Recorded as such in the store.[/]"
+        )
+    blocks = parse_layers(cfg.layers, info.depth)
+    index = root["index"]
+    num_frames = int(index.attrs["num_frames"])
+    fps = int(index.attrs["frames_per_shard"])
+    dtype = codecs.storage_dtype(cfg.codec)
+    attrs = {
+        "model_id": info.model_id,
+        "random_init": info.random_init,
+        "arch": info.arch,
+        "weights_hash": info.weights_hash,
+        "blocks": blocks,
+        "image_size": [width, height],
+        "patch_size": PATCH,
+        "grid": [height // PATCH, width // PATCH],
+        "dim": info.dim,
+        "registers": info.registers,
+        "norm": "final LayerNorm (get_intermediate_layers norm=True)"
+        if cfg.norm
+        else "none (raw block output)",
+        "codec": cfg.codec
+        if cfg.codec != "bitround"
+        else f"bitround keepbits={codecs.BITROUND_KEEPBITS}",
+        "storage_dtype": dtype,
+        "resize": "PIL draft + bicubic to image_size, ImageNet mean/std",
+        "pos_embed_interpolation": "transformers Dinov2Embeddings.interpolate_pos_encoding",
+    }
+    dims = {
+        "F": num_frames,
+        "V": len(index.attrs["cameras"]),
+        "h": height // PATCH,
+        "w": width // PATCH,
+        "D": info.dim,
+    }
+    root.require_group("teacher")
+    spec = teacher_group(cfg.group_name(), blocks, dtype)
+    group = prepare_group(root, spec, dims, fps, attrs, overwrite=options.overwrite)
+    threads = max(1, (os.cpu_count() or 1) // max(1, options.cluster.workers))
+    cluster = options.cluster
+    resources = None
+    if cfg.device == "cuda":
+        from dataclasses import replace
+
+        cluster = replace(cluster, gpu_workers=True)
+        resources = {"GPU": 1}
+    with stage_client(cfg.store, cluster) as client:
+        skipped, results = run_frame_shards(
+            client,
+            group,
+            extract_shard,
+            lambda a, b: (cfg, a, b, options.skip_bad, threads),
+            num_frames=num_frames,
+            frames_per_shard=fps,
+            label=f"teacher {cfg.group_name()}",
+            resources=resources,
+        )
+    fidelity = dict(group.attrs.get("codec_fidelity", {}))
+    for res in results:
+        for layer, (total, count, low) in res["stats"].items():
+            old = fidelity.get(layer, {"cos_sum": 0.0, "tokens": 0, "min_cos": 1.0})
+            fidelity[layer] = {
+                "cos_sum": old["cos_sum"] + total,
+                "tokens": old["tokens"] + int(count),
+                "min_cos": min(old["min_cos"], low),
+            }
+    for entry in fidelity.values():
+        entry["mean_cos"] = entry["cos_sum"] / max(entry["tokens"], 1)
+    group.attrs["codec_fidelity"] = fidelity
+    record_stage(root, f"teacher/{cfg.group_name()}", {**attrs, "layers": cfg.layers})
+    return {
+        "frames": num_frames,
+        "blocks": blocks,
+        "skipped": len(skipped),
+        "mean_cos": min((e["mean_cos"] for e in fidelity.values()), default=1.0),
+    }
