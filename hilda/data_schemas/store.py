@@ -141,7 +141,11 @@ def teacher_group(name: str, blocks: Iterable[int], dtype: str = "float16") -> G
     blocks = tuple(blocks)
     arrays = tuple(ArraySpec(f"layer_{k}", dtype, ("F", "V", "h", "w", "D")) for k in blocks)
     if dtype == "int8":
-        arrays += tuple(ArraySpec(f"layer_{k}_scale", "float32", ("F", "V", "D")) for k in blocks)
+        for k in blocks:
+            arrays += (
+                ArraySpec(f"layer_{k}_scale", "float32", ("F", "V", "D")),
+                ArraySpec(f"layer_{k}_token_scale", "float32", ("F", "V", "h", "w")),
+            )
     arrays += (ArraySpec("cls", "float32", ("F", "V", len(blocks), "D")),)
     return GroupSpec(name=f"teacher/{name}", arrays=arrays, required_attrs=TEACHER_ATTRS)
 
@@ -156,6 +160,12 @@ OCCUPANCY = GroupSpec(
 )
 
 STAGE_GROUPS: tuple[GroupSpec, ...] = (INDEX, POINTS, POINTMAPS, OCCUPANCY)
+
+
+def normalize_store(url: str) -> str:
+    """``file://`` URLs become plain paths (zarr's LocalStore creates folders; fsspec's local
+    filesystem does not); other URLs (s3://, gs://, memory://, ...) pass through to fsspec."""
+    return url.removeprefix("file://") if url.startswith("file://") else url
 
 
 def num_shards(num_frames: int, frames_per_shard: int) -> int:

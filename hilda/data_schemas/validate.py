@@ -19,6 +19,7 @@ from hilda.data_schemas.store import (
     SCHEMA_VERSION,
     STAGE_GROUPS,
     GroupSpec,
+    normalize_store,
     num_shards,
     teacher_group,
 )
@@ -119,6 +120,7 @@ def validate_store(
     Returns the opened root group (read-only). Raises ``StoreValidationError`` listing every
     violation.
     """
+    path = normalize_store(path)
     try:
         root = zarr.open_group(path, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:

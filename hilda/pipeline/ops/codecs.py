@@ -4,9 +4,11 @@
 - ``bitround``: float32 with the mantissa rounded to ``BITROUND_KEEPBITS`` bits by numcodecs'
   ``BitRound`` (then losslessly compressed by the store). Its error is relative to each
   value, so DINOv2's few huge-magnitude channels and high-norm tokens do not hurt the rest.
-- ``int8``: symmetric int8 with one scale per channel (per frame, camera and layer, over the
-  patch grid). Per-channel rather than per-token scales keep outlier *channels* from crushing
-  the others; an outlier *token* still widens every channel's step, which ``bitround`` avoids.
+- ``int8``: symmetric int8 with a factorised scale: each token is first divided by its RMS
+  (kept per token), then each channel by its max over the patch grid (kept per channel).
+  The channel scale absorbs DINOv2's huge-magnitude channels, the token scale its high-norm
+  tokens; a per-token-only or per-channel-only scale is wrecked by one or the other
+  (measured in tests/test_teacher.py).
 
 ``fidelity`` measures what the trainer sees: the cosine between decoded and float32 tokens.
 """
@@ -23,8 +25,11 @@ def storage_dtype(codec: str) -> str:
     return {"float16": "float16", "bitround": "float32", "int8": "int8"}[codec]
 
 
-def encode(x: np.ndarray, codec: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Encode (..., h, w, D) float32 features -> (values, per-channel scale (..., D) or None)."""
+Scales = tuple[np.ndarray, np.ndarray] | None  # (per channel (..., D), per token (..., h, w))
+
+
+def encode(x: np.ndarray, codec: str) -> tuple[np.ndarray, Scales]:
+    """Encode (..., h, w, D) float32 features -> (values, int8 scales or None)."""
     if codec == "float16":
         return x.astype(np.float16), None
     if codec == "bitround":
@@ -35,17 +40,23 @@ def encode(x: np.ndarray, codec: str) -> tuple[np.ndarray, np.ndarray | None]:
         )
         return np.asarray(rounded).view(np.float32).reshape(x.shape), None
     if codec == "int8":
-        scale = np.abs(x).max(axis=(-3, -2)) / 127.0  # (..., D)
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = np.clip(np.rint(x / scale[..., None, None, :]), -127, 127).astype(np.int8)
-        return q, scale
+        token = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=-1)).astype(
+            np.float32
+        )  # (..., h, w)
+        token = np.where(token > 0, token, 1.0).astype(np.float32)
+        y = x / token[..., None]
+        channel = np.abs(y).max(axis=(-3, -2)) / 127.0  # (..., D)
+        channel = np.where(channel > 0, channel, 1.0).astype(np.float32)
+        q = np.clip(np.rint(y / channel[..., None, None, :]), -127, 127).astype(np.int8)
+        return q, (channel, token)
     raise ValueError(f"unknown codec {codec!r}; use one of {CODECS}")
 
 
-def decode(values: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-    """Stored values (+ per-channel scale for int8) -> float32 (..., h, w, D)."""
-    if scale is not None:
-        return values.astype(np.float32) * scale[..., None, None, :]
+def decode(values: np.ndarray, scales: Scales = None) -> np.ndarray:
+    """Stored values (+ the int8 scales) -> float32 (..., h, w, D)."""
+    if scales is not None:
+        channel, token = scales
+        return values.astype(np.float32) * channel[..., None, None, :] * token[..., None]
     return values.astype(np.float32)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from hilda.data_schemas.records import Frame
-from hilda.data_schemas.store import DEFAULT_FRAMES_PER_SHARD, INDEX, POINTS
+from hilda.data_schemas.store import DEFAULT_FRAMES_PER_SHARD, INDEX, POINTS, normalize_store
 from hilda.datasets import open_dataset
 from hilda.datasets.io import DatasetError, read_sweep
 from hilda.errors import HildaError
@@ -33,6 +33,9 @@ class IndexConfig:
     split: str = "all"
     keyframe_every: int = 5
     frames_per_shard: int = DEFAULT_FRAMES_PER_SHARD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", normalize_store(self.store))
 
 
 def index_arrays(frames: list[Frame], cameras: list[str]) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import zarr
 
-from hilda.data_schemas.store import OCCUPANCY
+from hilda.data_schemas.store import OCCUPANCY, normalize_store
 from hilda.pipeline.ops.occupancy import OccupancyConfig, future_occupancy
 from hilda.pipeline.stages.common import (
     FrameError,
@@ -25,6 +25,9 @@ from hilda.pipeline.stages.common import (
 class OccupancyStageConfig:
     store: str
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", normalize_store(self.store))
 
 
 def _future_index(nxt: np.ndarray, f: int, horizon: int) -> int:

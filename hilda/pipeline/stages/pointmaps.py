@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import zarr
 
-from hilda.data_schemas.store import POINTMAPS
+from hilda.data_schemas.store import POINTMAPS, normalize_store
 from hilda.pipeline.ops.occlusion import OcclusionRule, visible_mask
 from hilda.pipeline.ops.projection import frame_pairs
 from hilda.pipeline.stages.common import (
@@ -30,6 +30,9 @@ class PointmapConfig:
     store: str
     occlusion: bool = True
     rule: OcclusionRule = field(default_factory=OcclusionRule)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", normalize_store(self.store))
 
 
 class _FrameSource:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import zarr
 
-from hilda.data_schemas.store import teacher_group
+from hilda.data_schemas.store import normalize_store, teacher_group
 from hilda.datasets.io import DatasetError, read_image
 from hilda.errors import ConfigError
 from hilda.models.teacher import (
@@ -47,6 +47,9 @@ class TeacherConfig:
     batch_size: int = 6
     device: str = "cpu"
     name: str | None = None  # group name under teacher/; default from the teacher id
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", normalize_store(self.store))
 
     def group_name(self) -> str:
         if self.name:
@@ -144,10 +147,12 @@ def extract_shard(
         values, scale = codecs.encode(x, cfg.codec)
         group[f"layer_{block}"][f0:f1] = values
         if scale is not None:
-            group[f"layer_{block}_scale"][f0:f1] = scale
+            group[f"layer_{block}_scale"][f0:f1] = scale[0]
+            group[f"layer_{block}_token_scale"][f0:f1] = scale[1]
         if where:
             decoded = codecs.decode(
-                values[rows, cams], None if scale is None else scale[rows, cams]
+                values[rows, cams],
+                None if scale is None else (scale[0][rows, cams], scale[1][rows, cams]),
             )
             cos = codecs.token_cosines(x[rows, cams], decoded)
             stats[f"layer_{block}"] = [float(cos.sum()), float(cos.size), float(cos.min())]
