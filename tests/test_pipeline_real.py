@@ -79,6 +79,7 @@ def test_pairs_equal_devkit_and_occlusion_count(real_keyframe: Path, tmp_path: P
     kept = int(zarr.open_group(str(store), mode="r")["pointmaps/offsets"][-1])
     removed = 22_103 - kept
     print(
-        f"occlusion removes {removed} of 22103 pairs ({100 * removed / 22_103:.1f}%) on the real keyframe"
+        f"occlusion removes {removed} of 22103 pairs ({100 * removed / 22_103:.1f}%) "
+        "on the real keyframe"
     )
     assert 0 < removed < 0.2 * 22_103

@@ -31,7 +31,7 @@ def test_official_checkpoint_loads_to_the_same_features(arch: str, tmp_path: Pat
 
 
 def test_multilayer_shapes_norm_and_cls() -> None:
-    model, info = build_teacher("random:vits14_reg")
+    model, _ = build_teacher("random:vits14_reg")
     x = torch.randn(3, 3, 56, 112)
     patches, cls = MultiLayerTeacher(model, [9, 11])(x)
     assert patches.shape == (3, 2, 4, 8, 384) and cls.shape == (3, 2, 384)
