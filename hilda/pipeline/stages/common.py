@@ -126,10 +126,17 @@ def run_frame_shards(
     tasks = [Task(i, b - a, args(a, b)) for i, (a, b) in enumerate(shards) if not done[i]]
     skipped = dict(group.attrs.get("skipped", {}))
 
+    shard_stats = dict(group.attrs.get("shard_stats", {}))
+
     def mark(task: Task, result: dict[str, Any]) -> None:
+        # Per-shard results live in the store with the shard's done flag, so a resumed run
+        # aggregates exactly what an uninterrupted one does.
         if result.get("skipped"):
             skipped.update({str(k): v for k, v in result["skipped"].items()})
             group.attrs["skipped"] = skipped
+        if result.get("stats"):
+            shard_stats[str(task.key)] = result["stats"]
+            group.attrs["shard_stats"] = shard_stats
         group["done"][task.key] = True
 
     results = (

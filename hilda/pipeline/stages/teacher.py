@@ -223,7 +223,7 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
         cluster = replace(cluster, gpu_workers=True)
         resources = {"GPU": 1}
     with stage_client(cfg.store, cluster) as client:
-        skipped, results = run_frame_shards(
+        skipped, _ = run_frame_shards(
             client,
             group,
             extract_shard,
@@ -233,9 +233,10 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
             label=f"teacher {cfg.group_name()}",
             resources=resources,
         )
-    fidelity = dict(group.attrs.get("codec_fidelity", {}))
-    for res in results:
-        for layer, (total, count, low) in res["stats"].items():
+    fidelity: dict[str, dict[str, float]] = {}
+    shard_stats = group.attrs.get("shard_stats", {})
+    for shard in sorted(shard_stats, key=int):  # a fixed order: resumed runs sum identically
+        for layer, (total, count, low) in shard_stats[shard].items():
             old = fidelity.get(layer, {"cos_sum": 0.0, "tokens": 0, "min_cos": 1.0})
             fidelity[layer] = {
                 "cos_sum": old["cos_sum"] + total,
