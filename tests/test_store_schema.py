@@ -77,7 +77,7 @@ def test_other_dataset_and_missing_store(tmp_path: Path, store_url: str) -> None
 def test_teacher_group_checked(store_url: str) -> None:
     root = _make(store_url)
     spec = teacher_group("vits", [10, 11])
-    attrs = {k: 0 for k in spec.required_attrs} | {"blocks": [10, 11]}
+    attrs = {k: 0 for k in spec.required_attrs} | {"blocks": [10, 11], "storage_dtype": "float16"}
     create_group(root, spec, {"F": F, "V": V, "h": 16, "w": 32, "D": 384}, FPS, attrs)
     validate_store(store_url, teacher="vits")
     del root["teacher/vits"]["layer_11"]

@@ -45,14 +45,21 @@ def create_group(
     dims: Mapping[str, int],
     frames_per_shard: int,
     attrs: Mapping[str, Any],
+    compressors: Mapping[str, Any] | None = None,
 ) -> zarr.Group:
-    """Create ``spec``'s group with every array laid out per the spec, plus its completion map."""
+    """Create ``spec``'s group with every array laid out per the spec, plus its completion map.
+    ``compressors`` overrides zarr's default compressor for the named arrays."""
     group = root.require_group(spec.name)
     group.attrs.update(dict(attrs))
     for aspec in spec.arrays:
         kwargs = array_layout(aspec, dims, frames_per_shard)
         fill = "" if aspec.dtype == "str" else 0
-        group.create_array(**kwargs, fill_value=fill, overwrite=True)
+        extra = (
+            {"compressors": compressors[aspec.name]}
+            if compressors and aspec.name in compressors
+            else {}
+        )
+        group.create_array(**kwargs, fill_value=fill, overwrite=True, **extra)
     if spec.has_completion_map:
         shards = num_shards(dims["F"], frames_per_shard)
         done = group.create_array(

@@ -80,6 +80,7 @@ def prepare_group(
     frames_per_shard: int,
     attrs: dict[str, Any],
     overwrite: bool,
+    compressors: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Create the stage group, or reuse it to resume when its attrs match this run's."""
     if spec.name in root and not overwrite:
@@ -96,7 +97,7 @@ def prepare_group(
         return group
     if spec.name in root:
         del root[spec.name]
-    return create_group(root, spec, dims, frames_per_shard, attrs)
+    return create_group(root, spec, dims, frames_per_shard, attrs, compressors)
 
 
 def _jsonable(value: Any) -> Any:
@@ -131,12 +132,13 @@ def run_frame_shards(
     def mark(task: Task, result: dict[str, Any]) -> None:
         # Per-shard results live in the store with the shard's done flag, so a resumed run
         # aggregates exactly what an uninterrupted one does.
+        # Sorted, so the attrs do not depend on the order in which workers finish.
         if result.get("skipped"):
             skipped.update({str(k): v for k, v in result["skipped"].items()})
-            group.attrs["skipped"] = skipped
+            group.attrs["skipped"] = _by_index(skipped)
         if result.get("stats"):
             shard_stats[str(task.key)] = result["stats"]
-            group.attrs["shard_stats"] = shard_stats
+            group.attrs["shard_stats"] = _by_index(shard_stats)
         group["done"][task.key] = True
 
     results = (
@@ -235,6 +237,10 @@ def _resize_rows(group: zarr.Group, rows: int, shard_rows: int) -> None:
             fill_value=0,
             overwrite=True,
         )
+
+
+def _by_index(entries: dict[str, Any]) -> dict[str, Any]:
+    return dict(sorted(entries.items(), key=lambda kv: int(kv[0])))
 
 
 def _span(frames: tuple[int, int]) -> int:

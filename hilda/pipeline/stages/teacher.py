@@ -213,7 +213,12 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     }
     root.require_group("teacher")
     spec = teacher_group(cfg.group_name(), blocks, dtype)
-    group = prepare_group(root, spec, dims, fps, attrs, overwrite=options.overwrite)
+    compressors = None
+    if cfg.codec == "bitround":
+        compressors = {f"layer_{b}": codecs.bitround_compressor() for b in blocks}
+    group = prepare_group(
+        root, spec, dims, fps, attrs, overwrite=options.overwrite, compressors=compressors
+    )
     threads = max(1, (os.cpu_count() or 1) // max(1, options.cluster.workers))
     cluster = options.cluster
     resources = None
