@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from hilda.datasets.classes import GENERAL_CATEGORIES
+from hilda.datasets.synthetic.nuscenes_format import TABLES
 from hilda.geometry import invert, matrix_to_quat
 
 VERSION = "v1.0-mini"
@@ -34,24 +35,7 @@ def camera_ego_to_global(calib: dict, cam: dict) -> np.ndarray:
 
 def write_real_keyframe_tables(src: Path, root: Path) -> dict:
     calib = json.loads((src / "calib.json").read_text())
-    tables: dict[str, list] = {
-        k: []
-        for k in (
-            "category",
-            "attribute",
-            "visibility",
-            "instance",
-            "sensor",
-            "calibrated_sensor",
-            "ego_pose",
-            "log",
-            "scene",
-            "sample",
-            "sample_data",
-            "sample_annotation",
-            "map",
-        )
-    }
+    tables: dict[str, list] = {k: [] for k in TABLES}
     tables["category"] = [
         {"token": f"c{i}", "name": n, "description": n, "index": i}
         for i, n in enumerate(GENERAL_CATEGORIES)

@@ -34,6 +34,23 @@ from hilda.geometry import matrix_to_quat
 SCENE_START_US = 1_532_402_900_000_000
 MAP_RESOLUTION = 0.1  # metres per pixel of the semantic-prior mask, as in nuScenes
 
+# The tables nuscenes-devkit's NuScenes() loads (lidarseg is optional, next to them).
+TABLES = (
+    "category",
+    "attribute",
+    "visibility",
+    "instance",
+    "sensor",
+    "calibrated_sensor",
+    "ego_pose",
+    "log",
+    "scene",
+    "sample",
+    "sample_data",
+    "sample_annotation",
+    "map",
+)
+
 SPLIT_NAMES = {"v1.0-mini": ("mini_train", "mini_val"), "v1.0-trainval": ("train", "val")}
 
 
@@ -89,25 +106,7 @@ def write_nuscenes(
     rig = cfg.rig
     names = scene_names(version, cfg.scenes)
     width, height = cfg.resolved_image_size
-    tables: dict[str, list[dict]] = {
-        k: []
-        for k in (
-            "category",
-            "attribute",
-            "visibility",
-            "instance",
-            "sensor",
-            "calibrated_sensor",
-            "ego_pose",
-            "log",
-            "scene",
-            "sample",
-            "sample_data",
-            "sample_annotation",
-            "map",
-            "lidarseg",
-        )
-    }
+    tables: dict[str, list[dict]] = {k: [] for k in (*TABLES, "lidarseg")}
     for i, name in enumerate(GENERAL_CATEGORIES):
         tables["category"].append(
             {"token": token("category", name), "name": name, "description": name, "index": i}
