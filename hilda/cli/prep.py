@@ -114,8 +114,6 @@ def frames_cmd(
     from hilda.datasets.classes import COARSE_CLASSES
     from hilda.datasets.io import read_lidarseg_labels, read_sweep
 
-    if dataset == "av2" and split == "all":
-        split = "train"
     reader = open_dataset(
         dataset, str(root), version=version, split=split, keyframe_every=keyframe_every
     )  # type: ignore[arg-type]
@@ -170,6 +168,12 @@ def validate_cmd(
     console.print(f"[green]ok[/]: {store} (schema {root.attrs['schema_version']}, groups {groups})")
 
 
+def _report(stage: str, store: str, summary: dict) -> None:
+    """One green line: what a stage wrote."""
+    parts = (f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in summary.items())
+    console.print(f"[green]{stage}[/] {store}: " + ", ".join(parts))
+
+
 def _stage_options(
     workers: int, scheduler: str | None, overwrite: bool, skip_bad: bool, gpu: bool = False
 ):
@@ -212,8 +216,6 @@ def index_cmd(
     """Stage 1: the index group and the points group (ragged, CSR)."""
     from hilda.pipeline.stages.index import IndexConfig, run_index
 
-    if dataset == "av2" and split == "all":
-        split = "train"
     cfg = IndexConfig(
         dataset=dataset,
         root=str(root),
@@ -224,7 +226,7 @@ def index_cmd(
         frames_per_shard=frames_per_shard,
     )
     summary = run_index(cfg, _stage_options(workers, scheduler, overwrite, skip_bad))
-    console.print(f"[green]index[/] {out}: " + ", ".join(f"{k} {v:,}" for k, v in summary.items()))
+    _report("index", out, summary)
 
 
 @app.command("build-pointmaps")
@@ -249,9 +251,7 @@ def build_pointmaps_cmd(
         store=store, occlusion=occlusion, rule=OcclusionRule(cell_px, abs_tol, rel_tol)
     )
     summary = run_pointmaps(cfg, _stage_options(workers, scheduler, overwrite, False))
-    console.print(
-        f"[green]pointmaps[/] {store}: " + ", ".join(f"{k} {v:,}" for k, v in summary.items())
-    )
+    _report("pointmaps", store, summary)
 
 
 @app.command("build-occupancy")
@@ -280,9 +280,7 @@ def build_occupancy_cmd(
     summary = run_occupancy(
         OccupancyStageConfig(store, occ), _stage_options(workers, scheduler, overwrite, skip_bad)
     )
-    console.print(
-        f"[green]occupancy[/] {store}: " + ", ".join(f"{k} {v:,}" for k, v in summary.items())
-    )
+    _report("occupancy", store, summary)
 
 
 @app.command("extract-teacher")
@@ -327,10 +325,7 @@ def extract_teacher_cmd(
     summary = run_teacher(
         cfg, _stage_options(workers, scheduler, overwrite, skip_bad, gpu=device == "cuda")
     )
-    console.print(
-        f"[green]teacher/{cfg.group_name()}[/] {store}: "
-        + ", ".join(f"{k} {v}" for k, v in summary.items())
-    )
+    _report(f"teacher/{cfg.group_name()}", store, summary)
 
 
 @app.command("info")

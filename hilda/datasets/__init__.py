@@ -27,13 +27,16 @@ def open_dataset(
     keyframe_every: int = 5,
 ) -> FrameReader:
     """Reader of one split: nuScenes (``version``, ``split`` in all/devkit splits) or AV2
-    (``split`` folder under ``root``, a keyframe every ``keyframe_every`` sweeps)."""
+    (``split`` folder under ``root``, a keyframe every ``keyframe_every`` sweeps; AV2 has no
+    "all" folder, so the CLIs' default ``all`` reads ``train``)."""
     if dataset == "nuscenes":
         from hilda.datasets.nuscenes_reader import NuScenesReader, NuScenesSource
 
         return NuScenesReader(NuScenesSource(root=root, version=version, split=split))
     if dataset == "av2":
         from hilda.datasets.av2_reader import AV2Reader, AV2Source
+
+        split = "train" if split == "all" else split
 
         return AV2Reader(AV2Source(root=root, split=split, keyframe_every=keyframe_every))
     raise ConfigError(f"unknown dataset {dataset!r}: use 'nuscenes' or 'av2'")

@@ -213,8 +213,7 @@ def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
         state = state.get("model", state) if isinstance(state, dict) else state
         arch, registers = _arch_of(state, source)
         model = _model_from_config(_config(arch, registers))
-        missing = model.load_state_dict(official_to_hf(state, model), strict=True)
-        del missing
+        model.load_state_dict(official_to_hf(state, model), strict=True)
     else:
         from transformers import AutoConfig, AutoModel
 

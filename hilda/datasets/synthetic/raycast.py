@@ -36,21 +36,13 @@ class Primitives:
 
     def aabb_corners(self) -> np.ndarray:
         """(N, 8, 3) corners of an axis-aligned box around each primitive."""
-        lo = np.empty((len(self), 3))
-        hi = np.empty((len(self), 3))
-        for i in range(len(self)):
-            c, s = self.center[i], self.size[i]
-            if self.kind[i] == KIND_BOX:
-                r = np.hypot(s[0], s[1])
-                ext = np.array([r, r, s[2]])
-                lo[i] = c - ext
-                hi[i] = c + ext
-            elif self.kind[i] == KIND_CYLINDER:
-                lo[i] = c - np.array([s[0], s[0], 0.0])
-                hi[i] = c + np.array([s[0], s[0], s[1]])
-            else:
-                lo[i] = c - s[0]
-                hi[i] = c + s[0]
+        s = self.size
+        box, cyl = self.kind == KIND_BOX, self.kind == KIND_CYLINDER
+        r = np.where(box, np.hypot(s[:, 0], s[:, 1]), s[:, 0])  # horizontal half-extent
+        z_below = np.where(box, s[:, 2], np.where(cyl, 0.0, s[:, 0]))  # cylinders start at base
+        z_above = np.where(box, s[:, 2], np.where(cyl, s[:, 1], s[:, 0]))
+        lo = self.center - np.stack([r, r, z_below], axis=1)
+        hi = self.center + np.stack([r, r, z_above], axis=1)
         sel = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])  # (8, 3)
         both = np.stack([lo, hi], axis=1)  # (N, 2, 3)
         return both[:, sel, np.arange(3)]  # (N, 8, 3)

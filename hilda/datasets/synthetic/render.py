@@ -242,6 +242,19 @@ def _frac(x: np.ndarray) -> np.ndarray:
     return x - np.floor(x)
 
 
+def _style_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(256, 3) base colour and (256,) LiDAR reflectivity indexed by general label."""
+    colour = np.zeros((256, 3))
+    refl = np.full(256, 0.3)
+    for name, (rgb, _, r) in W.CLASS_STYLE.items():
+        colour[GENERAL_INDEX[name]] = rgb
+        refl[GENERAL_INDEX[name]] = r
+    return colour, refl
+
+
+CLASS_COLOUR, CLASS_REFLECTIVITY = _style_tables()
+
+
 def surface_albedo(
     world: W.World, prims: Primitives, hits: Hits, points: np.ndarray, ground_lbl: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -250,12 +263,11 @@ def surface_albedo(
     rgb = np.zeros((n, 3))
     refl = np.zeros(n)
     ground = hits.prim == -1
-    name_of = {GENERAL_INDEX[k]: k for k in W.CLASS_STYLE}
     if ground.any():
         gp = points[ground]
         lbl = ground_lbl[ground]
-        base = np.array([W.CLASS_STYLE[name_of[int(c)]][0] for c in lbl])
-        r = np.array([W.CLASS_STYLE[name_of[int(c)]][2] for c in lbl])
+        base = CLASS_COLOUR[lbl]
+        r = CLASS_REFLECTIVITY[lbl]
         noise = value_noise(gp, 0.35) * 0.6 + value_noise(gp, 2.0) * 0.4
         mult = 0.75 + 0.45 * noise
         road = lbl == GENERAL_INDEX["flat.driveable_surface"]
@@ -301,8 +313,7 @@ def surface_albedo(
         plain = tex == W.TEX_PLAIN
         mult[plain] = 0.85 + 0.3 * value_noise(p[plain], 0.5)
         rgb[obj] = base * mult[:, None]
-        name_refl = {GENERAL_INDEX[k]: v[2] for k, v in W.CLASS_STYLE.items()}
-        r_obj = np.array([name_refl.get(int(c), 0.3) for c in prims.label[pi]])
+        r_obj = CLASS_REFLECTIVITY[prims.label[pi]]
         r_obj[win] = 0.1  # glass returns little
         refl[obj] = r_obj
     return rgb, refl

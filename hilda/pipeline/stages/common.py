@@ -22,7 +22,6 @@ import zarr
 import hilda
 from hilda.data_schemas.store import RAGGED_ROWS_PER_SHARD, GroupSpec
 from hilda.data_schemas.validate import validate_store
-from hilda.datasets.io import DatasetError
 from hilda.errors import HildaError
 from hilda.pipeline.runner import ClusterConfig, Task, dask_client, run_tasks
 from hilda.pipeline.store_io import create_group
@@ -270,14 +269,22 @@ def gather_rows(
     return [np.concatenate(cols) for cols in zip(*parts, strict=True)]
 
 
+class PointsBlock:
+    """The points of frames [f0, f1), read from the store in one contiguous slice (a task's
+    frames are contiguous, so this is one read instead of one per frame)."""
+
+    def __init__(self, root: zarr.Group, f0: int, f1: int) -> None:
+        self.f0 = f0
+        self.offsets = np.asarray(root["points/offsets"][f0 : f1 + 1])
+        self.data = np.asarray(root["points/data"][self.offsets[0] : self.offsets[-1]])
+
+    def frame(self, f: int) -> np.ndarray:
+        """(N, 4) float32 points of frame f."""
+        i = f - self.f0
+        return self.data[self.offsets[i] - self.offsets[0] : self.offsets[i + 1] - self.offsets[0]]
+
+
 def open_for_stage(store: str, require: tuple[str, ...], dataset: str | None = None) -> zarr.Group:
     """Validate then open the store writable."""
     validate_store(store, require=require, dataset=dataset)
     return zarr.open_group(store, mode="r+")
-
-
-def frame_error(kind: str, frame_token: str, detail: str) -> str:
-    return f"frame {frame_token}: {kind}: {detail}"
-
-
-__all__ = ["DatasetError", "FrameError", "StageOptions"]

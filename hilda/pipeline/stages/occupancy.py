@@ -12,6 +12,7 @@ from hilda.data_schemas.store import OCCUPANCY, normalize_store
 from hilda.pipeline.ops.occupancy import OccupancyConfig, future_occupancy
 from hilda.pipeline.stages.common import (
     FrameError,
+    PointsBlock,
     StageOptions,
     open_for_stage,
     prepare_group,
@@ -50,21 +51,23 @@ def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> 
     lidar_to_ego = np.asarray(index["lidar_to_ego"][:])  # (F, 4, 4): small, read once
     ego_to_global = np.asarray(index["ego_to_global"][:])
     offsets = np.asarray(root["points/offsets"][:])
-    points = root["points/data"]
     occ = cfg.occupancy
+    futures = {f: _future_index(nxt, f, occ.horizon) for f in range(f0, f1)}
+    wanted = [g for g in futures.values() if g >= 0]
+    points = PointsBlock(root, min(wanted), max(wanted) + 1) if wanted else None
     bev = np.zeros((f1 - f0, occ.grid, occ.grid // 8), dtype=np.uint8)
     valid = np.zeros(f1 - f0, dtype=bool)
     bad: dict[int, str] = {}
     for f in range(f0, f1):
-        g = _future_index(nxt, f, occ.horizon)
-        if g < 0:
+        g = futures[f]
+        if g < 0 or points is None:
             continue
         if offsets[g + 1] == offsets[g]:
             bad[f] = (
                 f"frame {tokens[f]}: its t+{occ.horizon} frame {tokens[g]} has no points (skipped)"
             )
             continue
-        future = np.asarray(points[offsets[g] : offsets[g + 1]])
+        future = points.frame(g)
         transforms = (lidar_to_ego[g], ego_to_global[g], lidar_to_ego[f], ego_to_global[f])
         try:
             bev[f - f0] = future_occupancy(future, transforms, occ, seed=f)

@@ -12,6 +12,7 @@ from hilda.data_schemas.store import POINTMAPS, normalize_store
 from hilda.pipeline.ops.occlusion import OcclusionRule, visible_mask
 from hilda.pipeline.ops.projection import frame_pairs
 from hilda.pipeline.stages.common import (
+    PointsBlock,
     StageOptions,
     gather_rows,
     open_for_stage,
@@ -41,8 +42,7 @@ class _FrameSource:
     def __init__(self, store: str, f0: int, f1: int) -> None:
         root = zarr.open_group(store, mode="r")
         self.f0 = f0
-        self.offsets = np.asarray(root["points/offsets"][f0 : f1 + 1])
-        self.points = root["points/data"]
+        self.points = PointsBlock(root, f0, f1)
         index = root["index"]
         self.calib = {
             k: np.asarray(index[k][f0:f1])
@@ -58,7 +58,7 @@ class _FrameSource:
 
     def pairs(self, f: int, cfg: PointmapConfig) -> tuple[np.ndarray, ...]:
         i = f - self.f0
-        pts = np.asarray(self.points[self.offsets[i] : self.offsets[i + 1]])
+        pts = self.points.frame(f)
         visible = functools.partial(visible_mask, rule=cfg.rule) if cfg.occlusion else None
         c = self.calib
         return frame_pairs(
