@@ -8,7 +8,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=.venv
 STAMP=$VENV/.hilda-setup-stamp
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh scripts/build_sparse.sh | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "[setup] .venv is up to date (delete .venv/.hilda-setup-stamp to force a reinstall)"
@@ -24,5 +24,7 @@ echo "[setup] installing torch (CPU build 2.13.0; set HILDA_TORCH_SPEC to overri
 $PIP install -q ${HILDA_TORCH_SPEC:-torch==2.13.0}
 echo "[setup] installing hilda (editable) with its dependencies and the dev tools"
 $PIP install -q -e ".[dev]"
-$VENV/bin/python -c "import hilda, nuscenes, av2, zarr, dask.distributed; print('[setup] ok: hilda', hilda.__version__, '| zarr', zarr.__version__)"
+echo "[setup] sparse libraries: MinkowskiEngine, torch-scatter, spconv (built once, then cached)"
+VENV=$VENV bash scripts/build_sparse.sh
+$VENV/bin/python -c "import hilda, nuscenes, av2, zarr, dask.distributed, torch_scatter; print('[setup] ok: hilda', hilda.__version__, '| zarr', zarr.__version__)"
 echo "$want" > "$STAMP"

@@ -1,0 +1,164 @@
+"""Weight conversion between the MinkowskiEngine and spconv layouts of ``MinkUNet``.
+
+Both backends build the same modules under the same names (``hilda.models.student``); only the
+convolution tensors differ:
+
+- MinkowskiEngine: ``<name>.kernel`` (K^3, in, out), or (in, out) for K = 1; bias (1, out).
+  Kernel offset (i, j, k) (x, y, z, each 0..K-1) is row i + K j + K^2 k.
+- spconv: ``<name>.weight`` (out, K, K, K, in) indexed [out, i, j, k, in]; bias (out,).
+  Except for K = 1: spconv 2.3 computes a 1x1 convolution as ``features @ weight.view(in,
+  out)`` (``spconv/pytorch/conv.py``, the ``conv1x1`` branch), reading the memory of its
+  (out, 1, 1, 1, in) tensor as (in, out); the converter follows what the library computes
+  (checked by the backend-equivalence test, which fails if a release changes it).
+
+The MinkowskiEngine layout is Pointcept's ``MinkUNet34C`` layout, so converting an spconv
+checkpoint to it gives a Pointcept-loadable backbone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from hilda.errors import ConfigError
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _me_kernel_to_spconv(kernel: torch.Tensor) -> torch.Tensor:
+    if kernel.ndim == 2:  # K = 1: see the module note on spconv's 1x1 path
+        return kernel.contiguous().reshape(kernel.shape[1], 1, 1, 1, kernel.shape[0])
+    volume, cin, cout = kernel.shape
+    k = round(volume ** (1 / 3))
+    if k**3 != volume:
+        raise ConfigError(f"kernel volume {volume} is not a cube")
+    # row = i + K j + K^2 k  ->  view [k, j, i] -> permute to [out, i, j, k, in]
+    return kernel.reshape(k, k, k, cin, cout).permute(4, 2, 1, 0, 3).contiguous()
+
+
+def _spconv_weight_to_me(weight: torch.Tensor) -> torch.Tensor:
+    cout, k, _, _, cin = weight.shape
+    if k == 1:
+        return weight.contiguous().reshape(cin, cout)
+    return weight.permute(3, 2, 1, 4, 0).reshape(k**3, cin, cout).contiguous()
+
+
+def minkowski_to_spconv(state: Tensors) -> Tensors:
+    out: Tensors = {}
+    for name, value in state.items():
+        if name.endswith(".kernel"):
+            out[name[: -len("kernel")] + "weight"] = _me_kernel_to_spconv(value)
+        elif name == "final.bias":
+            out[name] = value.reshape(-1).clone()
+        else:
+            out[name] = value.clone()
+    return out
+
+
+def spconv_to_minkowski(state: Tensors) -> Tensors:
+    out: Tensors = {}
+    for name, value in state.items():
+        if name.endswith(".weight") and value.ndim == 5:
+            out[name[: -len("weight")] + "kernel"] = _spconv_weight_to_me(value)
+        elif name == "final.bias":
+            out[name] = value.reshape(1, -1).clone()
+        else:
+            out[name] = value.clone()
+    return out
+
+
+def detect_layout(state: Tensors) -> str:
+    """ "minkowski" or "spconv", from the tensor names and shapes of a student state dict."""
+    if any(name.endswith(".kernel") for name in state):
+        return "minkowski"
+    if any(name.endswith(".weight") and v.ndim == 5 for name, v in state.items()):
+        return "spconv"
+    raise ConfigError("not a MinkUNet state dict: no MinkowskiEngine kernels or spconv weights")
+
+
+def convert_state(state: Tensors, backend: str) -> Tensors:
+    """A student state dict in whichever layout, converted to ``backend``'s."""
+    layout = detect_layout(state)
+    if layout == backend:
+        return dict(state)
+    if backend == "spconv":
+        return minkowski_to_spconv(state)
+    if backend == "minkowski":
+        return spconv_to_minkowski(state)
+    raise ConfigError(f"unknown backend {backend!r}")
+
+
+BACKBONE_FORMAT = "hilda-backbone"
+BACKBONE_VERSION = 1
+_PREFIXES = ("module.", "backbone.", "student.")
+
+
+def save_backbone(model, path) -> Path:
+    """Write the student alone, in the MinkowskiEngine (= Pointcept) layout, atomically.
+
+    Loads with ``torch.load(path, weights_only=True)``: tensors, strings and numbers only.
+    """
+    from dataclasses import asdict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(model.cfg).items()}
+    blob = {
+        "format": BACKBONE_FORMAT,
+        "version": BACKBONE_VERSION,
+        "arch": "MinkUNet34C",
+        "layout": "minkowski",
+        "config": cfg,
+        "state_dict": convert_state(state, "minkowski"),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_backbone_state(path) -> tuple[Tensors, dict]:
+    """(state dict, config dict) of a saved backbone, a Pointcept checkpoint (``backbone.``
+    / ``module.`` prefixes stripped) or a bare state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"backbone checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused or a corrupt file
+        raise ConfigError(f"cannot read backbone checkpoint {path}: {exc}") from exc
+    if not isinstance(blob, dict):
+        raise ConfigError(f"{path} is not a checkpoint (a {type(blob).__name__})")
+    state = blob.get("state_dict", blob)
+    config = blob.get("config", {}) if blob.get("format") == BACKBONE_FORMAT else {}
+    cleaned: Tensors = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in _PREFIXES:
+            name = name.removeprefix(prefix)
+        cleaned[name] = value
+    try:
+        detect_layout(cleaned)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return cleaned, config
+
+
+def load_backbone(path, backend: str | None = None, **overrides):
+    """Build a student from a checkpoint on ``backend`` (default: the layout it was saved in)."""
+    from hilda.models.student import StudentConfig, build_student
+
+    state, config = read_backbone_state(path)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    fields.update(overrides)
+    fields["backend"] = backend or fields.get("backend") or detect_layout(state)
+    model = build_student(StudentConfig(**fields))
+    try:
+        model.load_state_dict(convert_state(state, fields["backend"]))
+    except RuntimeError as exc:
+        raise ConfigError(f"{path} does not fit MinkUNet {model.cfg}: {exc}") from exc
+    return model

@@ -1,0 +1,64 @@
+"""MinkowskiEngine ops. Layout: conv ``kernel`` (K^3, in, out) ((in, out) when K = 1),
+batch norm as ``<name>.bn.*``, exactly as in Pointcept's ``MinkUNet34C``."""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+
+import torch
+from torch import nn
+
+# MinkowskiEngine 0.5.4 still imports Sequence & co. from ``collections`` (removed in 3.10).
+for _name in ("Sequence", "Mapping", "MutableMapping", "Iterable", "Callable"):
+    if not hasattr(collections, _name):
+        setattr(collections, _name, getattr(collections.abc, _name))
+
+import MinkowskiEngine as ME  # noqa: E402
+
+
+class MinkowskiOps:
+    name = "minkowski"
+
+    @staticmethod
+    def check_training(x, model: nn.Module) -> None:
+        """Both forward and backward are supported on CPU and CUDA."""
+
+    def make_input(self, feats: torch.Tensor, coords: torch.Tensor, batch_size: int):
+        """Sparse tensor of unique voxels: feats (M, C), coords (M, 4) int [b, x, y, z] >= 0."""
+        # A fresh coordinate manager per forward: kernel maps are cached per input.
+        return ME.SparseTensor(
+            feats,
+            coordinates=coords.int(),
+            minkowski_algorithm=ME.MinkowskiAlgorithm.SPEED_OPTIMIZED,
+        )
+
+    def conv(self, cin: int, cout: int, kernel: int, stride: int, level: int, bias: bool = False):
+        return ME.MinkowskiConvolution(
+            cin, cout, kernel_size=kernel, stride=stride, bias=bias, dimension=3
+        )
+
+    def conv_transpose(self, cin: int, cout: int, level: int):
+        """Kernel-2 stride-2 up-convolution back onto the coordinates of ``level``."""
+        return ME.MinkowskiConvolutionTranspose(cin, cout, kernel_size=2, stride=2, dimension=3)
+
+    def batch_norm(self, channels: int, momentum: float) -> nn.Module:
+        return ME.MinkowskiBatchNorm(channels, momentum=momentum)
+
+    def relu(self) -> nn.Module:
+        return ME.MinkowskiReLU(inplace=True)
+
+    def cat(self, a, b):
+        return ME.cat(a, b)
+
+    def add(self, a, b):
+        return a + b
+
+    def features(self, x) -> torch.Tensor:
+        return x.F
+
+    def coordinates(self, x) -> torch.Tensor:
+        """(M, 4) int64 [b, x, y, z] in units of the tensor's stride."""
+        coords = x.C.long()
+        stride = torch.as_tensor(x.tensor_stride, device=coords.device)
+        return torch.cat([coords[:, :1], coords[:, 1:] // stride], dim=1)
