@@ -7,8 +7,6 @@ import torch
 
 from hilda.models.sparse import BACKENDS, backend_installed
 
-INSTALLED = [b for b in BACKENDS if backend_installed(b)]
-
 
 def backend_params():
     """Parametrise over both backends; one not installed is reported as a skip."""

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from hilda.models.convert import convert_state, detect_layout, load_backbone, save_backbone
+from hilda.models.sparse import BACKENDS, backend_installed
 from hilda.models.student import STAGE_STRIDES, StudentConfig, build_student
 from hilda.models.voxelize import VoxelConfig, voxelize
 from tests.models_helpers import backend_params, batch_of, random_scene
 
 needs_both = pytest.mark.skipif(
-    not all(__import__("importlib").util.find_spec(m) for m in ("MinkowskiEngine", "spconv")),
-    reason="needs MinkowskiEngine and spconv",
+    not all(backend_installed(b) for b in BACKENDS), reason="needs MinkowskiEngine and spconv"
 )
 
 
@@ -122,6 +122,20 @@ def test_pointcept_names_and_shapes(backend: str) -> None:
     buffers = ("running", "num_batches")
     params = sum(v.numel() for k, v in state.items() if not any(b in k for b in buffers))
     assert params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_kaiming_fan_out_init(backend: str) -> None:
+    """Pointcept's init: normal with std sqrt(2 / (out x kernel volume)), on either layout."""
+    torch.manual_seed(0)
+    state = convert_state(build_student(StudentConfig(backend=backend)).state_dict(), "minkowski")
+    for name, volume, cout in [
+        ("block4.0.conv1.kernel", 27, 256),
+        ("conv0p1s1.kernel", 125, 32),
+        ("block5.0.downsample.0.kernel", 1, 256),
+    ]:
+        std = float(state[name].std())
+        assert std == pytest.approx((2 / (cout * volume)) ** 0.5, rel=0.05), name
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -332,7 +332,7 @@ def extract_teacher_cmd(
 @fail_cleanly
 def info_cmd(store: Store) -> None:
     """Frames, stages complete, bytes per frame per group, teacher provenance, codec fidelity."""
-    from hilda.pipeline.stages.info import store_info
+    from hilda.pipeline.stages.info import TEACHER_SUMMARY_KEYS, store_info
 
     info = store_info(store)
     console.print(
@@ -358,17 +358,7 @@ def info_cmd(store: Store) -> None:
         if not name.startswith("teacher/"):
             continue
         console.print(f"[bold]{name}[/]")
-        for key in (
-            "model_id",
-            "random_init",
-            "weights_hash",
-            "blocks",
-            "image_size",
-            "grid",
-            "dim",
-            "norm",
-            "codec",
-        ):
+        for key in TEACHER_SUMMARY_KEYS:
             console.print(f"  {key}: {g[key]}")
         for layer, fid in g["fidelity"].items():
             console.print(

@@ -13,7 +13,7 @@ block L-k. The final voxel features are returned too, for BEV pooling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,7 +51,6 @@ class StudentOutput:
     point_feats: list[torch.Tensor]  # [(N, C_L), (N, C_{L-1}), ...] for layers L, L-1, ...
     voxel_feats: torch.Tensor  # (M, C_L) final-layer features of the input voxels
     voxel_coords: torch.Tensor  # (M, 4) int64 [b, x, y, z] of ``voxel_feats`` (stride 1)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class BasicBlock(nn.Module):
@@ -121,10 +120,14 @@ class MinkUNet(nn.Module):
     def _init_weights(self) -> None:
         # Kaiming normal, fan_out, as Pointcept (ME.utils.kaiming_normal_) does; the same
         # statistics for both layouts: fan_out = out_channels x kernel volume.
+        spconv_layout = self.ops.name == "spconv"
         for name, param in self.named_parameters():
             if name.endswith(("kernel", "weight")) and ".bn." not in name and param.ndim >= 2:
-                cout = param.shape[0] if self.ops.name == "spconv" else param.shape[-1]
-                fan_out = cout * (param.numel() // (param.shape[0] * param.shape[-1]))
+                if spconv_layout:  # (out, K, K, K, in)
+                    cout, volume = param.shape[0], param[0, ..., 0].numel()
+                else:  # (K^3, in, out), or (in, out) for K = 1
+                    cout, volume = param.shape[-1], param.shape[0] if param.ndim == 3 else 1
+                fan_out = cout * volume
                 with torch.no_grad():
                     param.normal_(0.0, (2.0 / fan_out) ** 0.5)
             elif name.endswith(".bn.weight"):

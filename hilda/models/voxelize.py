@@ -36,10 +36,6 @@ class Voxels:
     batch_size: int
     voxel_size: float
 
-    @property
-    def point_batch(self) -> torch.Tensor:
-        return self.point_coords[:, 0]  # (N,)
-
 
 def point_features(points: torch.Tensor, cfg: VoxelConfig) -> torch.Tensor:
     """(N, >=4) x, y, z, intensity -> (N, 4) input features (Table F2: 4 channels)."""
@@ -91,13 +87,13 @@ def decode(keys: torch.Tensor) -> torch.Tensor:
 
 def lookup(table: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Row of each ``query`` (N, 4) coordinate in ``table`` (M, 4); -1 where absent."""
+    q = encode(query)
+    if len(table) == 0:
+        return torch.full_like(q, -1)
     keys = encode(table)
     order = torch.argsort(keys)
     sorted_keys = keys[order]
-    q = encode(query)
-    pos = torch.searchsorted(sorted_keys, q).clamp(max=max(len(keys) - 1, 0))
-    if len(keys) == 0:
-        return torch.full_like(q, -1)
+    pos = torch.searchsorted(sorted_keys, q).clamp(max=len(keys) - 1)
     found = sorted_keys[pos] == q
     return torch.where(found, order[pos], torch.full_like(pos, -1))
 

@@ -8,6 +8,7 @@ that name the full key path. Values in overrides are parsed as YAML scalars/flow
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -109,8 +110,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set ``a.b.c=value`` entries in a nested mapping (a copy)."""
-    import copy
-
     out = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)

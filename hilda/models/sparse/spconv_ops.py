@@ -50,22 +50,22 @@ def _one_thread_on_cpu(x: spconv.SparseConvTensor):
         torch.set_num_threads(threads)
 
 
-class _SubMConv3d(spconv.SubMConv3d):
+class _OneThreadOnCPU:
     def forward(self, x):
         with _one_thread_on_cpu(x):
             return super().forward(x)
 
 
-class _SparseConv3d(spconv.SparseConv3d):
-    def forward(self, x):
-        with _one_thread_on_cpu(x):
-            return super().forward(x)
+class _SubMConv3d(_OneThreadOnCPU, spconv.SubMConv3d):
+    pass
 
 
-class _SparseInverseConv3d(spconv.SparseInverseConv3d):
-    def forward(self, x):
-        with _one_thread_on_cpu(x):
-            return super().forward(x)
+class _SparseConv3d(_OneThreadOnCPU, spconv.SparseConv3d):
+    pass
+
+
+class _SparseInverseConv3d(_OneThreadOnCPU, spconv.SparseInverseConv3d):
+    pass
 
 
 class _BatchNorm(nn.Module):

@@ -10,6 +10,19 @@ import zarr
 
 from hilda.data_schemas.validate import validate_store
 
+# Teacher-group attrs that say which features a cache holds (printed by `hilda-prep info`).
+TEACHER_SUMMARY_KEYS = (
+    "model_id",
+    "random_init",
+    "weights_hash",
+    "blocks",
+    "image_size",
+    "grid",
+    "dim",
+    "norm",
+    "codec",
+)
+
 
 def _group_bytes(group: zarr.Group) -> int:
     """Stored (compressed) bytes of every array under ``group``."""
@@ -50,22 +63,7 @@ def store_info(store: str) -> dict[str, Any]:
         }
         if name.startswith("teacher/"):
             attrs = dict(group.attrs)
-            entry.update(
-                {
-                    k: attrs.get(k)
-                    for k in (
-                        "model_id",
-                        "random_init",
-                        "weights_hash",
-                        "blocks",
-                        "image_size",
-                        "grid",
-                        "dim",
-                        "norm",
-                        "codec",
-                    )
-                }
-            )
+            entry.update({k: attrs.get(k) for k in TEACHER_SUMMARY_KEYS})
             entry["fidelity"] = {
                 layer: {"mean_cos": round(v["mean_cos"], 6), "min_cos": round(v["min_cos"], 6)}
                 for layer, v in attrs.get("codec_fidelity", {}).items()
