@@ -226,9 +226,36 @@ def random_mask(
 
 @dataclass
 class DiffusionLoss:
-    total: torch.Tensor  # noise + lambda * x0 (Eq. 3)
+    total: torch.Tensor  # noise + lambda * x0 (Eq. 3), mean over the batch
     noise: torch.Tensor
     x0: torch.Tensor
+    per_sample: torch.Tensor  # (B,) Eq. 3 of each sample (for means over a global batch)
+
+
+@dataclass
+class DiffusionDraws:
+    """The random parts of one Eq. 3 evaluation, drawn outside so that they can be a function
+    of each sample alone (``draw_per_sample``)."""
+
+    tau: torch.Tensor  # (B,) int64 steps in [0, T)
+    noise: torch.Tensor  # (B, 1, H, W)
+    keep: torch.Tensor | None = None  # (B, 1, H, W) Table A10 keep-mask
+
+
+def draw_per_sample(
+    seeds: list[int], size: tuple[int, int], cfg: DiffusionConfig, device: torch.device | str
+) -> DiffusionDraws:
+    """tau, noise and mask of each sample from its own seed (CPU generators, then moved), so
+    a sample gets the same draw in any batch, process layout or resumed run."""
+    taus, noises, keeps = [], [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        taus.append(torch.randint(0, cfg.timesteps, (1,), generator=g))
+        noises.append(torch.randn((1, 1, *size), generator=g))
+        if cfg.mask != "none":
+            keeps.append(random_mask((1, 1, *size), cfg.mask_rate, cfg.mask_patch, "cpu", g))
+    keep = torch.cat(keeps).to(device) if keeps else None
+    return DiffusionDraws(torch.cat(taus).to(device), torch.cat(noises).to(device), keep)
 
 
 class DiffusionHead(nn.Module):
@@ -247,26 +274,34 @@ class DiffusionHead(nn.Module):
         bev_now: torch.Tensor,
         target: torch.Tensor,
         generator: torch.Generator | None = None,
+        draws: DiffusionDraws | None = None,
     ) -> DiffusionLoss:
-        """bev_* (B, C, H, W) pooled student features; target (B, H, W) occupancy in {0, 1}."""
+        """bev_* (B, C, H, W) pooled student features; target (B, H, W) occupancy in {0, 1}.
+        ``draws`` fixes tau / noise / mask; otherwise they come from ``generator``."""
         cond = self.history(bev_prev, bev_now)  # (B, 32, H, W)
         x0 = target.float()[:, None]  # (B, 1, H, W)
         b, dev = x0.shape[0], x0.device
-        tau = torch.randint(0, self.schedule.timesteps, (b,), device=dev, generator=generator)
-        noise = torch.randn(x0.shape, device=dev, generator=generator, dtype=x0.dtype)
-        x_t = self.schedule.q_sample(x0, tau, noise)
         cfg = self.cfg
-        if cfg.mask != "none" and self.training:
-            keep = random_mask(x0.shape, cfg.mask_rate, cfg.mask_patch, dev, generator)
+        if draws is None:
+            tau = torch.randint(0, self.schedule.timesteps, (b,), device=dev, generator=generator)
+            noise = torch.randn(x0.shape, device=dev, generator=generator, dtype=x0.dtype)
+            keep = None
+            if cfg.mask != "none":
+                keep = random_mask(x0.shape, cfg.mask_rate, cfg.mask_patch, dev, generator)
+            draws = DiffusionDraws(tau, noise, keep)
+        tau, noise = draws.tau, draws.noise
+        x_t = self.schedule.q_sample(x0, tau, noise)
+        if cfg.mask != "none" and self.training and draws.keep is not None:
             if cfg.mask == "condition":
-                cond = cond * keep
+                cond = cond * draws.keep
             else:
-                x_t = x_t * keep
+                x_t = x_t * draws.keep
         eps = self.denoiser(torch.cat([x_t, cond], dim=1), tau)  # (B, 1, H, W)
-        noise_loss = F.mse_loss(eps.float(), noise)
+        noise_ps = (eps.float() - noise).square().mean(dim=(1, 2, 3))  # (B,)
         x0_hat = self.schedule.predict_x0(x_t, tau, eps.float()).clamp(*cfg.x0_clip)
-        x0_loss = F.mse_loss(x0_hat, x0)
-        return DiffusionLoss(noise_loss + cfg.x0_weight * x0_loss, noise_loss, x0_loss)
+        x0_ps = (x0_hat - x0).square().mean(dim=(1, 2, 3))  # (B,)
+        per_sample = noise_ps + cfg.x0_weight * x0_ps
+        return DiffusionLoss(per_sample.mean(), noise_ps.mean(), x0_ps.mean(), per_sample)
 
     @torch.no_grad()
     def sample(

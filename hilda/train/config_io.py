@@ -122,19 +122,42 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config as a mapping. A top-level ``base: other.yaml`` (relative to the file)
+    is read first and this file's keys are merged over it, so an ablation file holds only
+    what it changes."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path in _seen:
+        raise ConfigError(f"{path}: circular base chain {[str(p) for p in _seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a file name, got {base!r}")
+    return _merge(read_yaml(path.parent / base, (*_seen, path)), data)
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """``cls`` from a YAML file (or the defaults when ``path`` is None) plus overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = read_yaml(path) if path is not None else {}
     try:
         return from_dict(cls, apply_overrides(data, list(overrides)))
     except ConfigError as exc:

@@ -1,0 +1,362 @@
+"""The training loop: set-up, one optimisation step, logging, checkpoints, export.
+
+Run folder (``--out``): ``config.yaml`` (the resolved config), ``run.json`` (store, teacher,
+samples, world size), ``metrics.jsonl`` (one line per logged step), ``tb/`` (TensorBoard),
+``checkpoints/last.pt`` (resume point), and at the end ``backbone.pt`` (the student alone,
+``hilda.models.convert`` format), ``pointcept_backbone.pth`` (Pointcept's ``state_dict`` with
+``module.backbone.`` keys) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from hilda.errors import ConfigError, HildaError
+from hilda.models.convert import save_backbone
+from hilda.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from hilda.train.config import TrainConfig
+from hilda.train.config_io import from_dict, save_config, to_dict
+from hilda.train.data import (
+    Batch,
+    CacheDataset,
+    ResumableSampler,
+    check_cache,
+    collate,
+    sample_index,
+)
+from hilda.train.distributed import World, init_distributed, reduce_mean, shutdown, sync_batchnorm
+from hilda.train.losses import total_loss
+from hilda.train.model import HildaModel
+
+EQ4_TERMS = ("distill", "cls", "aux")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    steps: int
+    final: dict[str, float]  # last logged metrics
+    backbone: Path | None
+
+
+def pick_device(name: str, world: World) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device=cuda but torch sees no CUDA device")
+        return torch.device("cuda", world.local_rank)
+    if name != "cpu":
+        raise ConfigError(f"run.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard) on the main process."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step >= 0 and self.path.exists():  # drop lines past the resume point
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
+            self.path.write_text("".join(f"{line}\n" for line in keep))
+        elif resume_step < 0:
+            self.path.write_text("")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install only loses TB
+                Console(stderr=True).print("[yellow]tensorboard unavailable: metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(out / "tb"), purge_step=max(resume_step, 0) + 1)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch", "time"):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Forward, Eq. 4, backward, clip, step; returns the global means of every term."""
+    amp = cfg.optim.amp and device.type == "cuda"
+    dtype = torch.float16 if cfg.optim.amp_dtype == "float16" else torch.bfloat16
+    autocast = torch.autocast("cuda", dtype=dtype) if amp else contextlib.nullcontext()
+    with autocast:
+        terms = model(batch)
+        loss = total_loss({k: terms[k] for k in EQ4_TERMS if k in terms}, cfg.loss.weights)
+    if not amp and not torch.isfinite(loss):
+        raise HildaError(
+            f"non-finite loss {float(loss)} on t0 frames {batch.frames.tolist()}: "
+            f"{ {k: float(v) for k, v in terms.items()} }"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.optim.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    logged = {k: float(reduce_mean(v)) for k, v in terms.items()}
+    logged["loss"] = float(reduce_mean(loss))
+    return logged
+
+
+def _configure(cfg: TrainConfig) -> None:
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.deterministic:
+        # Deterministic kernels where torch has them; the sparse libraries' CPU kernels are
+        # deterministic for a fixed thread count (checked by the resume test).
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train(
+    cfg: TrainConfig,
+    store: str,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+) -> RunResult:
+    """Pre-train on the cache at ``store``; the run folder is ``out``."""
+    out = Path(out)
+    console = console or Console()
+    device_hint = "cuda" if cfg.run.device == "cuda" else cfg.run.device
+    if device_hint == "auto":
+        device_hint = "cuda" if torch.cuda.is_available() else "cpu"
+    world = init_distributed(device_hint)
+    try:
+        return _train(cfg, store, out, resume, console, world)
+    finally:
+        shutdown(world)
+
+
+def _train(
+    cfg: TrainConfig, store: str, out: Path, resume: bool, console: Console, world: World
+) -> RunResult:
+    device = pick_device(cfg.run.device, world)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    blob = None
+    if resume:
+        blob = load_checkpoint(ckpt_path)
+        saved = from_dict(TrainConfig, blob["config"])
+        if to_dict(saved) != to_dict(cfg):
+            differ = _differences(to_dict(saved), to_dict(cfg))
+            raise ConfigError(
+                f"--resume: {ckpt_path} was written with another config ({', '.join(differ)}); "
+                "resume with the same config or start a new --out"
+            )
+    elif ckpt_path.exists():
+        raise ConfigError(
+            f"{out} already holds a run ({ckpt_path}); pass --resume to continue it or choose "
+            "another --out"
+        )
+    info = check_cache(store, cfg)
+    samples = sample_index(store, info, cfg.loss.aux in ("diffusion", "simple"))
+    b = cfg.optim.batch_size
+    per_rank = math.ceil(len(samples.frames) / world.size)
+    if per_rank < b:
+        raise ConfigError(
+            f"{store}: {len(samples.frames)} samples (excluded: {samples.excluded}) give "
+            f"{per_rank} per process, fewer than optim.batch_size={b}"
+        )
+    steps_per_epoch = per_rank // b
+    total = cfg.optim.epochs * steps_per_epoch
+    if cfg.optim.max_steps is not None:
+        total = min(total, cfg.optim.max_steps)
+    _configure(cfg)
+
+    model = HildaModel(cfg, info.teacher_dim).to(device)
+    if world.distributed and cfg.run.sync_bn:
+        sync_batchnorm(model, device.type)
+    net: torch.nn.Module = model
+    if world.distributed:
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=o.lr / o.div_factor, betas=o.betas, weight_decay=o.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=o.lr,
+        total_steps=total,
+        pct_start=o.pct_start,
+        anneal_strategy=o.anneal,
+        div_factor=o.div_factor,
+        final_div_factor=o.final_div_factor,
+    )
+    amp = o.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and o.amp_dtype == "float16")
+    step, epoch, batches_done = 0, 0, 0
+    if blob is not None:
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        if blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
+        set_rng_state(blob["rng"])
+        step, epoch, batches_done = blob["step"], blob["epoch"], blob["batches_done"]
+
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        excluded = ", ".join(f"{v} {k}" for k, v in samples.excluded.items() if v)
+        run = {
+            "store": info.store,
+            "teacher": info.teacher,
+            "teacher_blocks": {str(k): v for k, v in info.blocks.items()},
+            "samples": len(samples.frames),
+            "excluded": samples.excluded,
+            "world_size": world.size,
+            "global_batch": b * world.size,
+            "steps": total,
+            "device": str(device),
+        }
+        (out / "run.json").write_text(json.dumps(run, indent=2))
+        console.print(
+            f"[bold]hilda-train[/]: {len(samples.frames)} samples "
+            f"(excluded: {excluded or 'none'}), {world.size} process(es) x batch {b}, "
+            f"{total} steps on {device}" + (f", resuming at step {step}" if blob else "")
+        )
+    log = MetricsLog(out, world.main, cfg.run.tensorboard, step if blob else -1)
+    dataset = CacheDataset(cfg, info, samples)
+    sampler = ResumableSampler(dataset, num_replicas=world.size, rank=world.rank, seed=cfg.run.seed)
+    record: dict[str, float] = {}
+    progress = Progress(
+        TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not world.main,
+    )
+    with progress:
+        task = progress.add_task("train", total=total, completed=step, epoch=epoch, status="")
+        while step < total:
+            sampler.set_epoch(epoch)
+            sampler.start = batches_done * b
+            loader = DataLoader(
+                dataset,
+                batch_size=b,
+                sampler=sampler,
+                num_workers=cfg.data.num_workers,
+                collate_fn=collate,
+                drop_last=True,
+                pin_memory=device.type == "cuda",
+            )
+            tick, seen = time.perf_counter(), 0
+            for batch in loader:
+                net.train()
+                terms = train_step(net, batch.to(device), optimizer, scheduler, scaler, cfg, device)
+                step, batches_done, seen = step + 1, batches_done + 1, seen + b * world.size
+                rate = seen / max(time.perf_counter() - tick, 1e-9)
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": scheduler.get_last_lr()[0],
+                    **terms,
+                    "samples_per_s": rate,
+                    "time": time.time(),
+                }
+                status = " ".join(f"{k} {terms[k]:.4f}" for k in ("loss", *EQ4_TERMS) if k in terms)
+                if step % cfg.run.log_every == 0 or step == total:
+                    log.write(record)
+                    if world.main and not console.is_terminal:  # CI logs: a plain line
+                        console.print(f"step {step}/{total} {status} | {rate:.2f} samples/s")
+                progress.update(
+                    task, completed=step, epoch=epoch, status=f"{status} | {rate:.2f} samples/s"
+                )
+                last = batches_done >= steps_per_epoch
+                if step % cfg.run.checkpoint_every == 0 or step == total:
+                    # Position after this step: the next epoch if this one is finished.
+                    pos = (epoch + 1, 0) if last else (epoch, batches_done)
+                    if world.main:
+                        save_checkpoint(
+                            ckpt_path,
+                            {
+                                "step": step,
+                                "epoch": pos[0],
+                                "batches_done": pos[1],
+                                "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(),
+                                "scaler": scaler.state_dict(),
+                                "config": to_dict(cfg),
+                            },
+                        )
+                if step >= total:
+                    break
+            if batches_done >= steps_per_epoch:
+                epoch, batches_done = epoch + 1, 0
+    log.close()
+    backbone = None
+    if world.main:
+        backbone = export(model, out)
+        summary = {"steps": step, "final": record, "backbone": str(backbone)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        console.print(f"[bold green]done[/]: {step} steps; backbone -> {backbone}")
+    return RunResult(out, step, record, backbone)
+
+
+def export(model: HildaModel, out: Path) -> Path:
+    """``backbone.pt`` (the student alone) and ``pointcept_backbone.pth`` (loads in
+    Pointcept as ``weight=...``: ``state_dict`` with ``module.backbone.`` keys)."""
+    path = save_backbone(model.student, out / "backbone.pt")
+    from hilda.models.convert import read_backbone_state
+
+    state, _ = read_backbone_state(path)  # MinkowskiEngine (= Pointcept) layout
+    pointcept = {"state_dict": {f"module.backbone.{k}": v for k, v in state.items()}}
+    tmp = out / "pointcept_backbone.pth.tmp"
+    torch.save(pointcept, tmp)
+    tmp.replace(out / "pointcept_backbone.pth")
+    return path
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out

@@ -1,0 +1,120 @@
+"""What the trainer optimises: the student, one projection head per distilled pair, the CLS
+head and the auxiliary occupancy head, and their loss terms (Eq. 1-3) on a batch.
+
+Each term is a mean over the *global* batch (``global_mean``), so DDP with any process count
+trains like one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_scatter import scatter_max, scatter_mean
+
+from hilda.models.bev import bev_pool
+from hilda.models.diffusion import DiffusionHead, draw_per_sample
+from hilda.models.heads import ClsHead, ProjectionHead
+from hilda.models.occupancy_heads import AlsoHead, SimpleOccupancyDecoder
+from hilda.models.student import build_student
+from hilda.models.voxelize import voxelize
+from hilda.train.config import TrainConfig
+from hilda.train.data import Batch
+from hilda.train.distributed import global_mean
+from hilda.train.losses import pair_distance, sample_grid
+
+
+class HildaModel(nn.Module):
+    def __init__(self, cfg: TrainConfig, teacher_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        m, loss = cfg.model, cfg.loss
+        self.student = build_student(m.student)
+        channels = m.student.stage_channels  # (C_L, C_{L-1}, C_{L-2}, C_{L-3})
+        self.heads = nn.ModuleList(
+            ProjectionHead(channels[p.student], teacher_dim * len(p.teacher), m.head)
+            for p in loss.distill
+        )
+        self.cls_head = None
+        if loss.cls:
+            pooling = "max" if loss.cls_pooling == "per_image" else loss.cls_pooling
+            self.cls_head = ClsHead(channels[0], teacher_dim, m.head, pooling)
+        c = m.student.out_channels
+        self.aux: nn.Module | None = {
+            "diffusion": lambda: DiffusionHead(c, m.diffusion),
+            "simple": lambda: SimpleOccupancyDecoder(c, m.simple_hidden, m.diffusion.groups),
+            "also": lambda: AlsoHead(c, m.also),
+            "none": lambda: None,
+        }[loss.aux]()
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Loss terms: ``distill``, ``cls``, ``aux`` (the Eq. 4 inputs) and their parts
+        (``distill/<i>``, ``aux/noise``, ...) for logging."""
+        clouds = 2 * batch.batch_size
+        voxels = voxelize(batch.points, batch.cloud, self.cfg.model.voxel)
+        out = self.student(voxels)  # point_feats [(N, 96), (N, 96), (N, 128), (N, 256)]
+        terms: dict[str, torch.Tensor] = {}
+        if self.cfg.loss.distill:
+            terms.update(self._distill(out.point_feats, batch, clouds))
+        if self.cls_head is not None:
+            terms["cls"] = self._cls(out.point_feats[0], batch, clouds)
+        if self.aux is not None:
+            terms.update(self._aux(out, voxels, batch))
+        return terms
+
+    def _distill(self, feats: list[torch.Tensor], batch: Batch, clouds: int) -> dict:
+        """Eq. 1: per pair (teacher blocks -> student layer), the distance averaged per image,
+        then over images with pairs; then over the pairs (1 / (K + 1))."""
+        images = clouds * batch.teacher_cls.shape[1]
+        sampled: dict[int, torch.Tensor] = {}
+        for offset, grid in batch.grids.items():  # (I, h, w, D) -> (Q, D) bilinear at uv
+            sampled[offset] = sample_grid(grid, batch.pair_image, batch.pair_uv, batch.image_size)
+        has = torch.bincount(batch.pair_image, minlength=images) > 0  # (I,)
+        per_pair = {}
+        for i, (pair, head) in enumerate(zip(self.cfg.loss.distill, self.heads, strict=True)):
+            student = head(feats[pair.student][batch.pair_point])  # (Q, D k)
+            target = torch.cat([sampled[k] for k in pair.teacher], dim=1)  # (Q, D k)
+            d = pair_distance(student, target, self.cfg.loss.distance)  # (Q,)
+            per_image = scatter_mean(d, batch.pair_image, dim=0, dim_size=images)  # (I,)
+            per_pair[f"distill/{i}"] = global_mean(per_image[has])
+        return {"distill": torch.stack(list(per_pair.values())).mean(), **per_pair}
+
+    def _cls(self, feats: torch.Tensor, batch: Batch, clouds: int) -> torch.Tensor:
+        """Eq. 2 per cloud (or, for ``per_image``, per camera frustum); MSE."""
+        teacher = batch.teacher_cls.float()  # (2B, V, D)
+        if self.cfg.loss.cls_pooling == "per_image":
+            images = teacher.shape[0] * teacher.shape[1]
+            tokens = self.cls_head.head(feats[batch.pair_point])  # (Q, D)
+            pooled = scatter_max(tokens, batch.pair_image, dim=0, dim_size=images)[0]  # (I, D)
+            has = torch.bincount(batch.pair_image, minlength=images) > 0
+            err = (pooled.float() - teacher.reshape(images, -1)).square().mean(dim=1)  # (I,)
+            return global_mean(err[has])
+        student = self.cls_head(feats, batch.cloud, clouds)  # (2B, D)
+        err = (student.float() - teacher.amax(dim=1)).square().mean(dim=1)  # (2B,)
+        return global_mean(err)
+
+    def _aux(self, out, voxels, batch: Batch) -> dict:
+        m, b = self.cfg.model, batch.batch_size
+        if isinstance(self.aux, AlsoHead):  # the t0 sweeps' points, sensor at the origin
+            now = batch.cloud >= b
+            points = batch.points[now]
+            inten = points[:, 3] * m.voxel.intensity_scale  # as the student sees it
+            res = self.aux(out.point_feats[0][now], points[:, :3], inten)
+            return {
+                "aux": res.total,
+                "aux/occupancy": res.occupancy,
+                "aux/intensity": res.intensity,
+            }
+        bev = bev_pool(
+            out.voxel_feats, out.voxel_coords, voxels.origin, 2 * b, m.bev_grid, m.bev_stride
+        )  # (2B, C, H, W)
+        prev, now = bev[:b], bev[b:]
+        if isinstance(self.aux, SimpleOccupancyDecoder):
+            logits = self.aux.logits(prev, now).float()  # (B, H, W)
+            bce = F.binary_cross_entropy_with_logits(logits, batch.target, reduction="none")
+            return {"aux": global_mean(bce.mean(dim=(1, 2)))}
+        draws = draw_per_sample(
+            batch.seeds.tolist(), tuple(batch.target.shape[1:]), m.diffusion, bev.device
+        )
+        res = self.aux(prev, now, batch.target, draws=draws)
+        return {"aux": global_mean(res.per_sample), "aux/noise": res.noise, "aux/x0": res.x0}
