@@ -36,3 +36,13 @@ def real_keyframe() -> Path:
     if not REAL_KEYFRAME.is_dir():
         pytest.skip(f"real nuScenes keyframe not found at {REAL_KEYFRAME}")
     return REAL_KEYFRAME
+
+
+@pytest.fixture(scope="session")
+def train_store(nusc_cfg: SyntheticConfig, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The synthetic nuScenes world's full training cache (grid 256, three random teachers)."""
+    from tests.train_helpers import build_train_cache
+
+    store = str(tmp_path_factory.mktemp("train_cache") / "cache.zarr")
+    build_train_cache(nusc_cfg.out, store)
+    return store

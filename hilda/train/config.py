@@ -37,7 +37,8 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    teacher: str | None = None  # group under teacher/; None = the store's only teacher
+    # Group under teacher/; None = the store's only teacher (of ``teacher_arch`` if set).
+    teacher: str | None = None
     teacher_arch: str | None = None  # e.g. "vits14": refuse a cache of another teacher
     # Move the t-1 sweep into the t0 LiDAR frame (ego-compensated, like the t+1 target), so
     # the fused BEV history of Sec. C.1 is spatially aligned.

@@ -120,11 +120,13 @@ def _check_teacher(root: zarr.Group, store: str, cfg: TrainConfig) -> dict:
     if not names:
         raise CacheMismatchError(f"{store}: the cache has no teacher features; run {hint}")
     if cfg.data.teacher is None:
-        if len(names) > 1:
+        arch = cfg.data.teacher_arch
+        fits = [n for n in names if arch is None or root[f"teacher/{n}"].attrs.get("arch") == arch]
+        if len(fits) > 1:
             raise CacheMismatchError(
-                f"{store} holds several teachers ({', '.join(names)}): set data.teacher=NAME"
+                f"{store} holds several teachers ({', '.join(fits)}): set data.teacher=NAME"
             )
-        name = names[0]
+        name = fits[0] if fits else names[0]  # none of that arch: the arch check below says so
     elif cfg.data.teacher not in names:
         raise CacheMismatchError(
             f"{store}: no teacher/{cfg.data.teacher}/ (present: {', '.join(names)}); run {hint} "

@@ -138,11 +138,16 @@ def train_step(
 
 
 def _configure(cfg: TrainConfig) -> None:
-    torch.manual_seed(cfg.run.seed)
     if cfg.run.deterministic:
-        # Deterministic kernels where torch has them; the sparse libraries' CPU kernels are
-        # deterministic for a fixed thread count (checked by the resume test).
+        # Deterministic kernels where torch has them, and one thread in every native thread
+        # pool (torch's OpenMP, and the OpenBLAS that MinkowskiEngine's CPU build calls, which
+        # torch.set_num_threads does not reach): two 2-thread runs differed by ~5e-6 after 4
+        # steps, 1-thread runs are bit-identical. Call after the sparse backend is imported.
+        from threadpoolctl import threadpool_limits
+
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_num_threads(1)
+        threadpool_limits(limits=1)
 
 
 def train(
@@ -199,9 +204,9 @@ def _train(
     total = cfg.optim.epochs * steps_per_epoch
     if cfg.optim.max_steps is not None:
         total = min(total, cfg.optim.max_steps)
-    _configure(cfg)
-
+    torch.manual_seed(cfg.run.seed)
     model = HildaModel(cfg, info.teacher_dim).to(device)
+    _configure(cfg)
     if world.distributed and cfg.run.sync_bn:
         sync_batchnorm(model, device.type)
     net: torch.nn.Module = model

@@ -26,11 +26,24 @@ class MinkowskiOps:
 
     def make_input(self, feats: torch.Tensor, coords: torch.Tensor, batch_size: int):
         """Sparse tensor of unique voxels: feats (M, C), coords (M, 4) int [b, x, y, z] >= 0."""
-        # A fresh coordinate manager per forward: kernel maps are cached per input.
+        # A fresh coordinate manager per forward: kernel maps are cached per input. Its thread
+        # count follows torch's: left to itself MinkowskiEngine calls omp_set_num_threads(
+        # cpu_count) on every new manager, which undoes torch.set_num_threads (and with it
+        # determinism on CPU: the coordinate hash maps are filled in parallel chunks).
+        algorithm = ME.MinkowskiAlgorithm.SPEED_OPTIMIZED
+        manager = ME.CoordinateManager(
+            D=3,
+            num_threads=torch.get_num_threads(),
+            coordinate_map_type=ME.CoordinateMapType.CUDA
+            if coords.is_cuda
+            else ME.CoordinateMapType.CPU,
+            minkowski_algorithm=algorithm,
+        )
         return ME.SparseTensor(
             feats,
             coordinates=coords.int(),
-            minkowski_algorithm=ME.MinkowskiAlgorithm.SPEED_OPTIMIZED,
+            coordinate_manager=manager,
+            minkowski_algorithm=algorithm,
         )
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int, level: int, bias: bool = False):
