@@ -235,6 +235,8 @@ class CacheDataset(Dataset):
         self.info = info
         self.samples = samples
         self._root: zarr.Group | None = None
+        self._small: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, zarr.Array] = {}
         self._pid = -1
 
     def __len__(self) -> int:
@@ -245,19 +247,25 @@ class CacheDataset(Dataset):
         if self._root is None or self._pid != os.getpid():
             self._root = zarr.open_group(self.info.store, mode="r")
             self._pid = os.getpid()
+            # Small per-frame arrays, read once per worker: each Zarr read costs milliseconds
+            # whatever its size, and a sample would otherwise make a dozen of them.
+            names = ["points/offsets", "index/lidar_to_ego", "index/ego_to_global"]
+            if self.cfg.needs_teacher:
+                names += ["pointmaps/offsets", "index/image_size"]
+            self._small = {n: np.asarray(self._root[n][:]) for n in names}
+            self._arrays = {}
         return self._root
 
     def _points(self, f: int) -> np.ndarray:
-        a, b = (int(x) for x in self.root["points/offsets"][f : f + 2])
-        return np.asarray(self.root["points/data"][a:b], dtype=np.float32)  # (N, 4)
+        a, b = (int(x) for x in self._small["points/offsets"][f : f + 2])
+        return np.asarray(self._array("points/data")[a:b], dtype=np.float32)  # (N, 4)
 
     def _pairs(self, f: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        g = self.root["pointmaps"]
-        a, b = (int(x) for x in g["offsets"][f : f + 2])
+        a, b = (int(x) for x in self._small["pointmaps/offsets"][f : f + 2])
         pairs = {
-            "point": np.asarray(g["point"][a:b], np.int64),
-            "cam": np.asarray(g["cam"][a:b], np.int64),
-            "uv": np.asarray(g["uv"][a:b], np.float32),
+            "point": np.asarray(self._array("pointmaps/point")[a:b], np.int64),
+            "cam": np.asarray(self._array("pointmaps/cam")[a:b], np.int64),
+            "uv": np.asarray(self._array("pointmaps/uv")[a:b], np.float32),
         }
         cap = self.cfg.data.max_pairs_per_image
         if cap is not None:
@@ -265,21 +273,28 @@ class CacheDataset(Dataset):
             pairs = {k: v[keep] for k, v in pairs.items()}
         return pairs
 
+    def _array(self, name: str) -> zarr.Array:
+        """Array handles are opened once per worker (opening one reads its metadata)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.root[name]
+        return self._arrays[name]
+
     def _teacher(self, f: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """{offset: (V, h, w, D) float16}, CLS (V, D) float32 of the last block."""
-        g = self.root[f"teacher/{self.info.teacher}"]
+        g = f"teacher/{self.info.teacher}"
         grids = {}
         for offset, block in self.info.blocks.items():
-            values = np.asarray(g[f"layer_{block}"][f])
-            scales = None
+            values = np.asarray(self._array(f"{g}/layer_{block}")[f])
             if self.info.codec_int8:
                 scales = (
-                    np.asarray(g[f"layer_{block}_scale"][f]),
-                    np.asarray(g[f"layer_{block}_token_scale"][f]),
+                    np.asarray(self._array(f"{g}/layer_{block}_scale")[f]),
+                    np.asarray(self._array(f"{g}/layer_{block}_token_scale")[f]),
                 )
-            grids[offset] = codecs.decode(values, scales).astype(np.float16)
-        cls = np.asarray(g["cls"][f, :, self.info.cls_index], np.float32)  # (V, D)
-        return grids, cls
+                values = codecs.decode(values, scales)
+            # float16 travels to the device as stored; sampling there is in float32.
+            grids[offset] = values.astype(np.float16, copy=False)
+        cls = np.asarray(self._array(f"{g}/cls")[f, :, self.info.cls_index], np.float32)
+        return grids, cls  # cls (V, D)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, epoch = item
@@ -296,12 +311,12 @@ class CacheDataset(Dataset):
 
     def _read(self, index: int, f: int, p: int, seed: int) -> dict:
         cfg = self.cfg
-        root = self.root
+        self.root  # noqa: B018 (opens the store and its small arrays in this worker)
         now, before = self._points(f), self._points(p)
         if cfg.data.align_history:
-            idx = root["index"]
-            to_global = idx["ego_to_global"][p] @ idx["lidar_to_ego"][p]
-            from_global = np.linalg.inv(idx["ego_to_global"][f] @ idx["lidar_to_ego"][f])
+            e2g, l2e = self._small["index/ego_to_global"], self._small["index/lidar_to_ego"]
+            to_global = e2g[p] @ l2e[p]
+            from_global = np.linalg.inv(e2g[f] @ l2e[f])
             before[:, :3] = rigid(from_global @ to_global, before[:, :3].astype(np.float64))
         d = augment.draw(cfg.data.augment, np.random.default_rng(seed))
         clouds = [
@@ -318,12 +333,10 @@ class CacheDataset(Dataset):
             teach = [self._teacher(p), self._teacher(f)]
             out["grids"] = [t[0] for t in teach]
             out["cls"] = [t[1] for t in teach]
-            out["image_size"] = [
-                np.asarray(root["index/image_size"][p], np.float32),
-                np.asarray(root["index/image_size"][f], np.float32),
-            ]
+            sizes = self._small["index/image_size"]
+            out["image_size"] = [sizes[p].astype(np.float32), sizes[f].astype(np.float32)]
         if cfg.loss.aux in ("diffusion", "simple"):
-            target = unpack(np.asarray(root["occupancy/bev"][f]))  # (H, W) bool
+            target = unpack(np.asarray(self._array("occupancy/bev")[f]))  # (H, W) bool
             out["target"] = augment.apply_grid(target, d, self.info.occupancy_cell)
         return out
 
