@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from hilda.models.convert import load_backbone, read_backbone_state
+from hilda.models.convert import backbone_voxel_config, load_backbone, read_backbone_state
 from hilda.train.config import TrainConfig
 from hilda.train.config_io import load_config
 from hilda.train.loop import train
@@ -65,6 +65,7 @@ def test_tiny_preset_loss_falls(train_store: str, tmp_path: Path) -> None:
     assert run["samples"] == 2 and run["excluded"]["no t-1"] == 2
     student = load_backbone(tmp_path / "run" / "backbone.pt")
     assert student.cfg == cfg.model.student
+    assert backbone_voxel_config(tmp_path / "run" / "backbone.pt") == cfg.model.voxel
     state, _ = read_backbone_state(tmp_path / "run" / "pointcept_backbone.pth")
     raw = torch.load(tmp_path / "run" / "pointcept_backbone.pth", weights_only=True)
     assert all(k.startswith("module.backbone.") for k in raw["state_dict"])

@@ -95,10 +95,11 @@ BACKBONE_VERSION = 1
 _PREFIXES = ("module.", "backbone.", "student.")
 
 
-def save_backbone(model, path) -> Path:
-    """Write the student alone, in the MinkowskiEngine (= Pointcept) layout, atomically.
-
-    Loads with ``torch.load(path, weights_only=True)``: tensors, strings and numbers only.
+def save_backbone(model, path, voxel=None) -> Path:
+    """Write the student alone, in the MinkowskiEngine (= Pointcept) layout, atomically, with
+    the voxelisation it was trained on (``voxel``, a VoxelConfig) so downstream users feed it
+    the same input. Loads with ``torch.load(path, weights_only=True)``: tensors, strings and
+    numbers only.
     """
     from dataclasses import asdict
 
@@ -114,6 +115,8 @@ def save_backbone(model, path) -> Path:
         "config": cfg,
         "state_dict": convert_state(state, "minkowski"),
     }
+    if voxel is not None:
+        blob["voxel"] = asdict(voxel)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
@@ -146,6 +149,19 @@ def read_backbone_state(path) -> tuple[Tensors, dict]:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return cleaned, config
+
+
+def backbone_voxel_config(path):
+    """The VoxelConfig a saved backbone was trained with (the default when not recorded)."""
+    from hilda.models.voxelize import VoxelConfig
+
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"cannot read backbone checkpoint {path}: {exc}") from exc
+    voxel = blob.get("voxel") if isinstance(blob, dict) else None
+    return VoxelConfig(**voxel) if isinstance(voxel, dict) else VoxelConfig()
 
 
 def load_backbone(path, backend: str | None = None, **overrides):

@@ -344,7 +344,7 @@ def _train(
 def export(model: HildaModel, out: Path) -> Path:
     """``backbone.pt`` (the student alone) and ``pointcept_backbone.pth`` (loads in
     Pointcept as ``weight=...``: ``state_dict`` with ``module.backbone.`` keys)."""
-    path = save_backbone(model.student, out / "backbone.pt")
+    path = save_backbone(model.student, out / "backbone.pt", voxel=model.cfg.model.voxel)
     from hilda.models.convert import read_backbone_state
 
     state, _ = read_backbone_state(path)  # MinkowskiEngine (= Pointcept) layout
