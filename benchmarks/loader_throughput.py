@@ -20,14 +20,14 @@ import zarr
 from hilda.datasets.io import read_sweep
 from hilda.models.teacher import MultiLayerTeacher, build_teacher, parse_layers, preprocess
 from hilda.pipeline.ops.occlusion import visible_mask
-from hilda.pipeline.ops.occupancy import OccupancyConfig, future_occupancy
+from hilda.pipeline.ops.occupancy import OccupancyConfig, ego_compensate, future_occupancy
 from hilda.pipeline.ops.projection import frame_pairs
 from hilda.pipeline.stages.pointmaps import BORDER_PX, MIN_DEPTH, PointmapConfig
 from hilda.pipeline.stages.teacher import load_images
 from hilda.train import augment
 from hilda.train.config import TrainConfig
 from hilda.train.config_io import load_config
-from hilda.train.data import CacheDataset, check_cache, collate, rigid, sample_index
+from hilda.train.data import CacheDataset, check_cache, collate, sample_index
 
 
 class Online:
@@ -76,9 +76,8 @@ class Online:
         transforms = (i["lidar_to_ego"][g], i["ego_to_global"][g], i["lidar_to_ego"][f],
                       i["ego_to_global"][f])  # fmt: skip
         target = future_occupancy(future, transforms, self.occ, seed=f)
-        to_global = i["ego_to_global"][p] @ i["lidar_to_ego"][p]
-        from_global = np.linalg.inv(i["ego_to_global"][f] @ i["lidar_to_ego"][f])
-        before[:, :3] = rigid(from_global @ to_global, before[:, :3].astype(np.float64))
+        l2e, e2g = i["lidar_to_ego"], i["ego_to_global"]
+        before[:, :3] = ego_compensate(before, l2e[p], e2g[p], l2e[f], e2g[f])
         a = self.cfg.data.augment
         d = augment.draw(a, np.random.default_rng(seed))
         clouds = [augment.apply_points(before, d, a, 0), augment.apply_points(now, d, a, 1)]

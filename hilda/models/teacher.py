@@ -122,6 +122,11 @@ def _block_map(model: nn.Module, swiglu: bool) -> list[tuple[str, str]]:
     return pairs + mlp
 
 
+def _num_blocks(state: dict[str, torch.Tensor], pattern: str) -> int:
+    """Transformer blocks in a state dict whose block keys match ``pattern`` (index group)."""
+    return 1 + max(int(m.group(1)) for key in state if (m := re.match(pattern, key)))
+
+
 def official_to_hf(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Convert an official DINOv2 state dict to ``model``'s (transformers) keys."""
     swiglu = any(".mlp.w12." in k for k in state)
@@ -137,8 +142,7 @@ def official_to_hf(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     out["embeddings.mask_token"] = state.get("mask_token", torch.zeros_like(state["cls_token"][0]))
     if "register_tokens" in state:
         out["embeddings.register_tokens"] = state["register_tokens"]
-    depth = 1 + max(int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key)))
-    for i in range(depth):
+    for i in range(_num_blocks(state, r"blocks\.(\d+)\.")):
         src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
         for off, hf in _block_map(model, swiglu):
             for kind in ("weight", "bias", ""):
@@ -168,10 +172,7 @@ def hf_to_official(model: nn.Module) -> dict[str, torch.Tensor]:
     }
     if "embeddings.register_tokens" in state:
         out["register_tokens"] = state["embeddings.register_tokens"]
-    depth = 1 + max(
-        int(m.group(1)) for key in state if (m := re.match(r"encoder\.layer\.(\d+)\.", key))
-    )
-    for i in range(depth):
+    for i in range(_num_blocks(state, r"encoder\.layer\.(\d+)\.")):
         src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
         for off, hf in _block_map(model, swiglu):
             for kind in ("weight", "bias", ""):

@@ -23,7 +23,7 @@ from hilda.data_schemas.validate import validate_store
 from hilda.errors import ConfigError, HildaError
 from hilda.models.teacher import SIZES
 from hilda.pipeline.ops import codecs
-from hilda.pipeline.ops.occupancy import unpack
+from hilda.pipeline.ops.occupancy import ego_compensate, unpack
 from hilda.train import augment
 from hilda.train.config import TrainConfig
 
@@ -212,11 +212,6 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint32)[0])
 
 
-def rigid(m: np.ndarray, xyz: np.ndarray) -> np.ndarray:
-    """(4, 4) transform applied to (N, 3) points."""
-    return xyz @ m[:3, :3].T + m[:3, 3]
-
-
 def subsample_per_image(cam: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted row indices keeping at most ``cap`` uniformly drawn pairs of each camera."""
     keep = []
@@ -244,6 +239,12 @@ class CacheDataset(Dataset):
 
     @property
     def root(self) -> zarr.Group:
+        self._open()
+        return self._root
+
+    def _open(self) -> None:
+        """Open the store once per worker process (a forked worker must not reuse the
+        parent's handles), with its small per-frame arrays."""
         if self._root is None or self._pid != os.getpid():
             self._root = zarr.open_group(self.info.store, mode="r")
             self._pid = os.getpid()
@@ -254,7 +255,6 @@ class CacheDataset(Dataset):
                 names += ["pointmaps/offsets", "index/image_size"]
             self._small = {n: np.asarray(self._root[n][:]) for n in names}
             self._arrays = {}
-        return self._root
 
     def _points(self, f: int) -> np.ndarray:
         a, b = (int(x) for x in self._small["points/offsets"][f : f + 2])
@@ -311,13 +311,11 @@ class CacheDataset(Dataset):
 
     def _read(self, index: int, f: int, p: int, seed: int) -> dict:
         cfg = self.cfg
-        self.root  # noqa: B018 (opens the store and its small arrays in this worker)
+        self._open()
         now, before = self._points(f), self._points(p)
-        if cfg.data.align_history:
+        if cfg.data.align_history:  # the t-1 sweep in the t0 LiDAR frame
             e2g, l2e = self._small["index/ego_to_global"], self._small["index/lidar_to_ego"]
-            to_global = e2g[p] @ l2e[p]
-            from_global = np.linalg.inv(e2g[f] @ l2e[f])
-            before[:, :3] = rigid(from_global @ to_global, before[:, :3].astype(np.float64))
+            before[:, :3] = ego_compensate(before, l2e[p], e2g[p], l2e[f], e2g[f])
         d = augment.draw(cfg.data.augment, np.random.default_rng(seed))
         clouds = [
             augment.apply_points(before, d, cfg.data.augment, stream=0),

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from hilda.errors import ConfigError, HildaError
-from hilda.models.convert import save_backbone
+from hilda.models.convert import convert_state, save_backbone
 from hilda.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from hilda.train.config import TrainConfig
 from hilda.train.config_io import from_dict, save_config, to_dict
@@ -50,9 +50,15 @@ class RunResult:
     backbone: Path | None
 
 
-def pick_device(name: str, world: World) -> torch.device:
+def device_type(name: str) -> str:
+    """``run.device`` (auto | cpu | cuda) -> "cpu" or "cuda"."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def pick_device(name: str, world: World) -> torch.device:
+    name = device_type(name)
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("run.device=cuda but torch sees no CUDA device")
@@ -161,10 +167,7 @@ def train(
     """Pre-train on the cache at ``store``; the run folder is ``out``."""
     out = Path(out)
     console = console or Console()
-    device_hint = "cuda" if cfg.run.device == "cuda" else cfg.run.device
-    if device_hint == "auto":
-        device_hint = "cuda" if torch.cuda.is_available() else "cpu"
-    world = init_distributed(device_hint)
+    world = init_distributed(device_type(cfg.run.device))
     try:
         return _train(cfg, store, out, resume, console, world)
     finally:
@@ -215,8 +218,9 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     o = cfg.optim
+    # OneCycleLR sets the learning rate itself (from max_lr / div_factor).
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=o.lr / o.div_factor, betas=o.betas, weight_decay=o.weight_decay
+        model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
@@ -345,9 +349,8 @@ def export(model: HildaModel, out: Path) -> Path:
     """``backbone.pt`` (the student alone) and ``pointcept_backbone.pth`` (loads in
     Pointcept as ``weight=...``: ``state_dict`` with ``module.backbone.`` keys)."""
     path = save_backbone(model.student, out / "backbone.pt", voxel=model.cfg.model.voxel)
-    from hilda.models.convert import read_backbone_state
-
-    state, _ = read_backbone_state(path)  # MinkowskiEngine (= Pointcept) layout
+    state = {k: v.detach().cpu() for k, v in model.student.state_dict().items()}
+    state = convert_state(state, "minkowski")  # MinkowskiEngine (= Pointcept) layout
     pointcept = {"state_dict": {f"module.backbone.{k}": v for k, v in state.items()}}
     tmp = out / "pointcept_backbone.pth.tmp"
     torch.save(pointcept, tmp)
