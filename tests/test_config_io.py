@@ -31,6 +31,8 @@ def test_yaml_overrides_and_round_trip(tmp_path: Path) -> None:
     saved = save_config(cfg, tmp_path / "out" / "config.yaml")
     assert load_config(Example, saved) == cfg
     assert to_dict(cfg)["student"]["planes"] == [8] * 8
+    # YAML 1.1 reads 3e-3 (no dot) as a string; float fields accept it.
+    assert load_config(Example, None, ["lr=3e-3"]).lr == 0.003
 
 
 @pytest.mark.parametrize(
@@ -38,6 +40,7 @@ def test_yaml_overrides_and_round_trip(tmp_path: Path) -> None:
     [
         ("student.plane=[1]", "unknown config key.*student"),
         ("steps=many", "steps: expected int"),
+        ("lr=fast", "lr: expected a number"),
         ("diffusion.mask=sometimes", "diffusion.*mask must be one of"),
         ("student.planes=[1, 2]", "8 planes"),
         ("lr", "not key.path=value"),

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from hilda.cli.common import fail_cleanly
 
 app = typer.Typer(
     help="Evaluate a pre-trained backbone: linear-probe and fine-tune mIoU, RankMe, figures.",
@@ -25,3 +30,173 @@ def classes_cmd() -> None:
     for i, name in enumerate(COARSE_CLASSES):
         typer.echo(f"{i:5d}  {name}")
     typer.echo(f"({len(GENERAL_CATEGORIES)} general categories in the label files)")
+
+
+Backbone = Annotated[
+    Path, typer.Option("--backbone", help="backbone checkpoint (hilda-train's backbone.pt)")
+]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="YAML config, e.g. configs/eval/linear_probe.yaml")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a config key, e.g. --set optim.epochs=20 (repeatable)"),
+]
+Dataset = Annotated[
+    str | None,
+    typer.Option("--dataset", help="nuscenes | synthetic (the synthetic world, nuScenes format)"),
+]
+Root = Annotated[Path | None, typer.Option("--root", help="dataset root")]
+InitOpt = Annotated[
+    str,
+    typer.Option(
+        "--init",
+        help="pretrained: the checkpoint's weights; random: a fresh student of the same "
+        "architecture (the baseline)",
+    ),
+]
+Out = Annotated[
+    Path | None, typer.Option("--out", help="result JSON (default: next to the checkpoint)")
+]
+
+
+def _seg_config(mode, config, overrides, dataset, root, extra=()):
+    from hilda.eval.config import SegConfig
+    from hilda.train.config_io import load_config
+
+    sets = list(overrides or [])
+    sets.append(f"mode={mode}")
+    if dataset is not None:
+        sets.append(f"data.dataset={dataset}")
+    if root is not None:
+        sets.append(f"data.root={root}")
+    sets.extend(extra)
+    return load_config(SegConfig, config, sets)
+
+
+def _run_seg(cfg, backbone: Path, init: str, out: Path | None) -> None:
+    from rich.console import Console
+
+    from hilda.eval.probe import run_segmentation
+    from hilda.eval.report import result_table
+
+    if init not in ("pretrained", "random"):
+        raise typer.BadParameter(f"--init must be pretrained or random, got {init!r}")
+    console = Console()
+    result = run_segmentation(cfg, backbone, init, out=out, console=console)
+    console.print(result_table([result]))
+    console.print(f"mIoU {100 * result['miou']:.2f} -> {result['path']}")
+
+
+@app.command("linear-probe")
+@fail_cleanly
+def linear_probe_cmd(
+    backbone: Backbone,
+    dataset: Dataset = None,
+    root: Root = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    init: InitOpt = "pretrained",
+    out: Out = None,
+) -> None:
+    """Frozen backbone, BatchNorm + linear head trained with cross-entropy on lidarseg labels;
+    mIoU and per-class IoU on the validation frames (HilDA Sec. C.2)."""
+    _run_seg(_seg_config("linear", config, overrides, dataset, root), backbone, init, out)
+
+
+@app.command("finetune")
+@fail_cleanly
+def finetune_cmd(
+    backbone: Backbone,
+    fraction: Annotated[
+        float, typer.Option("--fraction", help="labelled training frames used: 0.01 = 1%")
+    ] = 1.0,
+    dataset: Dataset = None,
+    root: Root = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    init: InitOpt = "pretrained",
+    out: Out = None,
+) -> None:
+    """The whole network trained on a fraction of the labelled frames (Table 1: 1, 5, 10, 25,
+    100%); mIoU and per-class IoU on the validation frames."""
+    cfg = _seg_config("finetune", config, overrides, dataset, root, [f"data.fraction={fraction}"])
+    _run_seg(cfg, backbone, init, out)
+
+
+@app.command("compare")
+@fail_cleanly
+def compare_cmd(
+    results: Annotated[list[Path], typer.Argument(help="result JSON files of hilda-eval runs")],
+) -> None:
+    """Print several runs' mIoU and per-class IoU side by side."""
+    from rich.console import Console
+
+    from hilda.eval.report import read_result, result_table, run_label
+
+    runs = [read_result(p) for p in results]
+    console = Console()
+    console.print(result_table(runs))
+    line = " | ".join(f"{run_label(r).replace(chr(10), ' ')} {100 * r['miou']:.2f}" for r in runs)
+    if len(runs) == 2:
+        line += f" (difference {100 * (runs[0]['miou'] - runs[1]['miou']):+.2f})"
+    console.print(f"mIoU: {line}")
+
+
+Store = Annotated[str, typer.Option("--store", help="hilda-prep cache (folder or fsspec URL)")]
+
+
+@app.command("rankme")
+@fail_cleanly
+def rankme_cmd(
+    backbone: Backbone,
+    store: Store,
+    frames: Annotated[int, typer.Option("--frames", help="frames spread over the cache")] = 16,
+    points: Annotated[int, typer.Option("--points", help="embeddings drawn")] = 25_600,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    init: InitOpt = "pretrained",
+    out: Out = None,
+) -> None:
+    """Label-free RankMe of the backbone's point features (each student layer)."""
+    from hilda.eval.rank import backbone_rankme
+
+    if init not in ("pretrained", "random"):
+        raise typer.BadParameter(f"--init must be pretrained or random, got {init!r}")
+    r = backbone_rankme(
+        backbone, store, init=init, frames=frames, max_points=points, seed=seed, out=out
+    )
+    layers = ", ".join(f"{k} {v['rankme']:.2f} / {v['dim']}" for k, v in r["layers"].items())
+    typer.echo(
+        f"RankMe ({init} backbone, {r['points']} points of {len(r['frames'])} frames): "
+        f"{layers} -> {r['path']}"
+    )
+
+
+@app.command("figures")
+@fail_cleanly
+def figures_cmd(
+    backbone: Backbone,
+    store: Store,
+    out: Annotated[Path, typer.Option("--out", help="folder for the PNGs")],
+    frame: Annotated[int, typer.Option("--frame", help="frame index in the cache")] = 0,
+    camera: Annotated[str | None, typer.Option("--camera", help="default: the first")] = None,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="group under teacher/ (default: the only)")
+    ] = None,
+    anchor: Annotated[
+        int | None,
+        typer.Option("--anchor", help="point index (default: the one seen nearest the centre)"),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option("--run", help="hilda-train run folder (default: the checkpoint's)"),
+    ] = None,
+) -> None:
+    """PCA of the point features (from above and on a camera image), cosine-similarity maps
+    of an anchor point against the points and the teacher's patches, and loss curves."""
+    from hilda.eval.figures import write_figures
+
+    paths = write_figures(
+        backbone, store, out, frame=frame, camera=camera, teacher=teacher, anchor=anchor, run=run
+    )
+    typer.echo(f"{len(paths)} figures -> {out}: {', '.join(paths)}")

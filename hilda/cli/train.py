@@ -26,7 +26,11 @@ def presets_cmd() -> None:
     """List the YAML presets shipped under configs/."""
     root = Path(__file__).resolve().parents[2] / "configs"
     files = (
-        sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
+        sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*.yaml")
+            if p.relative_to(root).parts[0] != "eval"  # hilda-eval's configs
+        )
         if root.is_dir()
         else []
     )

@@ -69,9 +69,9 @@ def _require_complete(root: zarr.Group, group: str, store: str) -> None:
             )
 
 
-def check_cache(store: str, cfg: TrainConfig) -> CacheInfo:
-    """Check the cache against the config before anything trains; every mismatch is a
-    CacheMismatchError naming the hilda-prep command that fixes it."""
+def open_cache(store: str, groups: list[str]) -> tuple[str, zarr.Group]:
+    """(normalised store, root) of a cache of this schema whose ``groups`` are complete and
+    valid; otherwise a CacheMismatchError naming the hilda-prep command that fixes it."""
     store = normalize_store(store)
     try:
         root = zarr.open_group(store, mode="r")
@@ -86,13 +86,20 @@ def check_cache(store: str, cfg: TrainConfig) -> CacheInfo:
             f"this trainer reads {SCHEMA!r} version {SCHEMA_VERSION}: rebuild it with "
             f"`hilda-prep index --overwrite --out {store} ...` and the later stages"
         )
+    for group in groups:
+        _require_complete(root, group, store)
+    validate_store(store, require=groups)
+    return store, root
+
+
+def check_cache(store: str, cfg: TrainConfig) -> CacheInfo:
+    """Check the cache against the config before anything trains; every mismatch is a
+    CacheMismatchError naming the hilda-prep command that fixes it."""
     needs_occupancy = cfg.loss.aux in ("diffusion", "simple")
     groups = ["index", "points"]
     groups += ["pointmaps"] if cfg.needs_teacher else []
     groups += ["occupancy"] if needs_occupancy else []
-    for group in groups:
-        _require_complete(root, group, store)
-    validate_store(store, require=groups)
+    store, root = open_cache(store, groups)
 
     info: dict = {"store": store, "cameras": len(root["index"].attrs["cameras"])}
     info.update(teacher=None, teacher_dim=0)
@@ -167,6 +174,43 @@ def _check_teacher(root: zarr.Group, store: str, cfg: TrainConfig) -> dict:
         "cls_index": stored.index(depth - 1),
         "codec_int8": t.get("storage_dtype") == "int8",
     }
+
+
+def teacher_means(info: CacheInfo, frames: np.ndarray, count: int) -> dict[int, np.ndarray]:
+    """{offset: (D,) float64} mean of each distilled teacher block's features where LiDAR
+    points land (bilinear at the pairs' uv, as Eq. 1 samples them), over ``count`` of
+    ``frames`` spread evenly. The mean over pairs, not over all patches: sky and the image
+    edges hold no points, and an all-patch mean would leave a constant in the targets."""
+    from hilda.train.losses import sample_grid  # torch-side; imported here to keep data light
+
+    root = zarr.open_group(info.store, mode="r")
+    g = f"teacher/{info.teacher}"
+    pick = frames[np.unique(np.linspace(0, len(frames) - 1, max(1, count)).round().astype(int))]
+    offsets = np.asarray(root["pointmaps/offsets"][:])
+    sizes = np.asarray(root["index/image_size"][:])
+    totals = {k: np.zeros(info.teacher_dim) for k in info.blocks}
+    n = 0
+    for f in pick.tolist():
+        a, b = int(offsets[f]), int(offsets[f + 1])
+        if a == b:
+            continue
+        cam = torch.from_numpy(np.asarray(root["pointmaps/cam"][a:b], np.int64))
+        uv = torch.from_numpy(np.asarray(root["pointmaps/uv"][a:b], np.float32))
+        size = torch.from_numpy(sizes[f].astype(np.float32))  # (V, 2)
+        for offset, block in info.blocks.items():
+            values = np.asarray(root[f"{g}/layer_{block}"][f])  # (V, h, w, D)
+            if info.codec_int8:
+                scales = (
+                    np.asarray(root[f"{g}/layer_{block}_scale"][f]),
+                    np.asarray(root[f"{g}/layer_{block}_token_scale"][f]),
+                )
+                values = codecs.decode(values, scales)
+            sampled = sample_grid(torch.from_numpy(values.astype(np.float32)), cam, uv, size)
+            totals[offset] += sampled.double().sum(dim=0).numpy()
+        n += b - a
+    if n == 0:
+        raise CacheMismatchError(f"{info.store}: no point-pixel pairs to centre the teacher on")
+    return {k: v / n for k, v in totals.items()}
 
 
 @dataclass(frozen=True)

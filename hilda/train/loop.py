@@ -34,6 +34,7 @@ from hilda.train.data import (
     check_cache,
     collate,
     sample_index,
+    teacher_means,
 )
 from hilda.train.distributed import World, init_distributed, reduce_mean, shutdown, sync_batchnorm
 from hilda.train.losses import total_loss
@@ -208,7 +209,10 @@ def _train(
     if cfg.optim.max_steps is not None:
         total = min(total, cfg.optim.max_steps)
     torch.manual_seed(cfg.run.seed)
-    model = HildaModel(cfg, info.teacher_dim).to(device)
+    means = None
+    if cfg.loss.center_teacher and cfg.loss.distill:
+        means = teacher_means(info, samples.frames, cfg.loss.center_frames)
+    model = HildaModel(cfg, info.teacher_dim, means).to(device)
     _configure(cfg)
     if world.distributed and cfg.run.sync_bn:
         sync_batchnorm(model, device.type)

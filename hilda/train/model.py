@@ -7,11 +7,13 @@ trains like one process with the whole batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_scatter import scatter_max, scatter_mean
 
+from hilda.errors import ConfigError
 from hilda.models.bev import bev_pool
 from hilda.models.diffusion import DiffusionHead, draw_per_sample
 from hilda.models.heads import ClsHead, ProjectionHead
@@ -25,9 +27,25 @@ from hilda.train.losses import pair_distance, sample_grid
 
 
 class HildaModel(nn.Module):
-    def __init__(self, cfg: TrainConfig, teacher_dim: int) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        teacher_dim: int,
+        teacher_means: dict[int, np.ndarray] | None = None,
+    ) -> None:
+        """``teacher_means`` {offset: (D,)}: the Eq. 1 target centres (``loss.center_teacher``;
+        kept as a buffer, so checkpoints carry them)."""
         super().__init__()
         self.cfg = cfg
+        self.register_buffer("teacher_mean", None)  # (K, D); None: not in the state dict
+        if cfg.loss.center_teacher and cfg.loss.distill:
+            offsets = cfg.teacher_offsets
+            if teacher_means is None or set(teacher_means) != set(offsets):
+                raise ConfigError(
+                    f"loss.center_teacher needs the mean of teacher blocks at offsets {offsets}"
+                )
+            rows = [torch.as_tensor(teacher_means[k], dtype=torch.float32) for k in offsets]
+            self.teacher_mean = torch.stack(rows)
         m, loss = cfg.model, cfg.loss
         self.student = build_student(m.student)
         channels = m.student.stage_channels  # (C_L, C_{L-1}, C_{L-2}, C_{L-3})
@@ -67,8 +85,11 @@ class HildaModel(nn.Module):
         then over images with pairs; then over the pairs (1 / (K + 1))."""
         images = clouds * batch.teacher_cls.shape[1]
         sampled: dict[int, torch.Tensor] = {}
+        row = {k: i for i, k in enumerate(self.cfg.teacher_offsets)}
         for offset, grid in batch.grids.items():  # (I, h, w, D) -> (Q, D) bilinear at uv
             sampled[offset] = sample_grid(grid, batch.pair_image, batch.pair_uv, batch.image_size)
+            if self.teacher_mean is not None:
+                sampled[offset] = sampled[offset] - self.teacher_mean[row[offset]]
         has = torch.bincount(batch.pair_image, minlength=images) > 0  # (I,)
         per_pair = {}
         for i, (pair, head) in enumerate(zip(self.cfg.loss.distill, self.heads, strict=True)):

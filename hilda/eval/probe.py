@@ -1,0 +1,235 @@
+"""Linear probing and fine-tuning on lidarseg labels (HilDA Sec. 4.1, C.2, D.1).
+
+``run_segmentation`` trains the Sec. C.2 head (and, fine-tuning, the backbone) with
+cross-entropy on the training frames, then scores every point of the validation frames:
+mIoU and per-class IoU from one confusion matrix. The result is a JSON file next to the
+checkpoint (or at ``out``) holding the metrics, the loss curve and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from hilda.errors import ConfigError
+from hilda.eval.config import SegConfig
+from hilda.eval.data import CLASSES, IGNORE, SegBatch, SegDataset, Split, collate_seg, open_split
+from hilda.eval.metrics import confusion, iou_per_class, mean_iou
+from hilda.eval.segment import Init, Segmenter, build_backbone
+from hilda.train.config_io import to_dict
+from hilda.train.data import ResumableSampler
+from hilda.train.distributed import World
+from hilda.train.loop import pick_device
+
+
+def result_path(backbone: str | Path, mode: str, fraction: float, init: Init) -> Path:
+    """Where a run's JSON goes by default: next to the checkpoint, named after the protocol,
+    e.g. ``backbone.linear-probe.json``, ``backbone.finetune-1pct.random-init.json``."""
+    backbone = Path(backbone)
+    name = "linear-probe" if mode == "linear" else f"finetune-{fraction * 100:g}pct"
+    suffix = ".random-init" if init == "random" else ""
+    return backbone.with_name(f"{backbone.stem}.{name}{suffix}.json")
+
+
+def _loader(dataset: SegDataset, batch: int, workers: int, sampler=None) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_seg,
+        persistent_workers=False,
+    )
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if not bool((labels != IGNORE).any()):  # every point ignored: nothing to learn here
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE)
+
+
+def _optimizer(model: Segmenter, cfg: SegConfig, total: int):
+    o = cfg.optim
+    groups = [{"params": list(model.head.parameters()), "lr": o.lr * o.head_lr_mult}]
+    if not model.frozen:
+        groups.append({"params": list(model.backbone.parameters()), "lr": o.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[g["lr"] for g in groups],
+        total_steps=total,
+        pct_start=o.pct_start,
+        div_factor=o.div_factor,
+        final_div_factor=o.final_div_factor,
+    )
+    return optimizer, scheduler
+
+
+def _cached_batches(
+    model: Segmenter, split: Split, cfg: SegConfig, device: torch.device, console: Console
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(epoch, features (N, C), labels (N,)) batches over the frozen backbone's features of
+    every training frame, computed once."""
+    feats, labels = [], []
+    model.eval()
+    with torch.no_grad():
+        for b in _loader(SegDataset(split, None), 1, cfg.data.num_workers):
+            b = b.to(device)
+            feats.append(model.features(b.points, b.batch).to("cpu", torch.float16))
+            labels.append(b.labels.cpu())
+    console.print(f"cached frozen features of {len(feats)} training frames")
+    n, size = len(feats), min(cfg.optim.batch_size, len(feats))
+    epoch = 0
+    while True:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        for i in range(0, n, size):
+            rows = order[i : i + size].tolist()
+            x = torch.cat([feats[r] for r in rows]).to(device, torch.float32)
+            y = torch.cat([labels[r] for r in rows]).to(device)
+            yield epoch, x, y
+        epoch += 1
+
+
+def _online_batches(
+    split: Split, cfg: SegConfig, device: torch.device
+) -> Iterator[tuple[int, SegBatch]]:
+    dataset = SegDataset(split, cfg.augment, cfg.seed)
+    sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=cfg.seed)
+    size = min(cfg.optim.batch_size, len(dataset))
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        for b in _loader(dataset, size, cfg.data.num_workers, sampler):
+            yield epoch, b.to(device)
+        epoch += 1
+
+
+def evaluate(model: Segmenter, split: Split, cfg: SegConfig, device: torch.device) -> np.ndarray:
+    """(16, 16) confusion matrix over every point of the split's frames."""
+    model.eval()
+    conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    with torch.no_grad():
+        for b in _loader(SegDataset(split, None), 1, cfg.data.num_workers):
+            b = b.to(device)
+            pred = model(b.points, b.batch).argmax(dim=1)  # (N,)
+            conf += confusion(pred.cpu().numpy(), b.labels.cpu().numpy(), len(CLASSES), IGNORE)
+    return conf
+
+
+def run_segmentation(
+    cfg: SegConfig,
+    backbone: str | Path,
+    init: Init = "pretrained",
+    *,
+    out: str | Path | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Train and score one linear probe / fine-tune run; returns (and writes) the result."""
+    console = console or Console()
+    tick = time.perf_counter()
+    device = pick_device(cfg.device, World())
+    version, train_name, val_name = cfg.data.resolved()
+    train_split = open_split(cfg.data, train_name, fraction=cfg.data.fraction)
+    val_split = open_split(cfg.data, val_name)
+    if cfg.data.max_val_frames is not None:
+        val_split = open_split(
+            cfg.data, val_name, fraction=min(1.0, cfg.data.max_val_frames / val_split.total)
+        )
+    torch.manual_seed(cfg.seed)
+    net = build_backbone(str(backbone), init, seed=cfg.seed)
+    model = Segmenter(net, len(CLASSES), frozen=cfg.mode == "linear").to(device)
+    n, size = len(train_split.frames), min(cfg.optim.batch_size, len(train_split.frames))
+    total = cfg.optim.epochs * math.ceil(n / size)
+    if cfg.optim.max_steps is not None:
+        total = min(total, cfg.optim.max_steps)
+    if total < 1:
+        raise ConfigError("the run has no steps: raise optim.epochs or optim.max_steps")
+    optimizer, scheduler = _optimizer(model, cfg, total)
+    what = "linear probe" if cfg.mode == "linear" else f"fine-tune ({cfg.data.fraction:.0%})"
+    console.print(
+        f"[bold]hilda-eval[/] {what}, {init} backbone {backbone}: {n} of {train_split.total} "
+        f"{train_name} frames, {len(val_split.frames)} {val_name} frames, {total} steps on {device}"
+    )
+
+    batches = (
+        _cached_batches(model, train_split, cfg, device, console)
+        if cfg.cache_features
+        else _online_batches(train_split, cfg, device)
+    )
+    curve: list[tuple[int, float]] = []
+    progress = Progress(
+        TextColumn(f"[bold]{cfg.mode}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(cfg.mode, total=total, status="")
+        for step, (epoch, *batch) in zip(range(1, total + 1), batches, strict=False):
+            model.train()
+            if cfg.cache_features:
+                x, y = batch
+                logits = model.head(x)
+            else:
+                (b,) = batch
+                logits, y = model(b.points, b.batch), b.labels
+            loss = _loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step} (epoch {epoch})")
+            if step % cfg.log_every == 0 or step == total:
+                curve.append((step, value))
+                if not console.is_terminal:
+                    console.print(f"{cfg.mode} step {step}/{total} epoch {epoch} loss {value:.4f}")
+            progress.update(task, completed=step, status=f"loss {value:.4f}")
+    batches.close()  # stops a DataLoader mid-epoch (its workers) now, not at garbage collection
+    train_seconds = time.perf_counter() - tick
+
+    conf = evaluate(model, val_split, cfg, device)
+    iou = iou_per_class(conf)
+    result = {
+        "protocol": "linear-probe" if cfg.mode == "linear" else "finetune",
+        "init": init,
+        "backbone": str(backbone),
+        "dataset": cfg.data.dataset,
+        "root": cfg.data.root,
+        "version": version,
+        "train_split": train_name,
+        "val_split": val_name,
+        "fraction": cfg.data.fraction,
+        "train_frames": n,
+        "train_frames_total": train_split.total,
+        "val_frames": len(val_split.frames),
+        "steps": total,
+        "device": str(device),
+        "miou": mean_iou(conf),
+        "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(CLASSES, iou, strict=True)},
+        "confusion": conf.tolist(),
+        "loss_curve": curve,
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - tick,
+        "config": to_dict(cfg),
+    }
+    path = result_path(backbone, cfg.mode, cfg.data.fraction, init) if out is None else Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    result["path"] = str(path)
+    return result
