@@ -61,6 +61,11 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+def figures_cli(backbone: Path, store: str, out: Path, camera: str):
+    args = ["--backbone", str(backbone), "--store", store, "--out", str(out)]
+    return CliRunner().invoke(app, ["figures", *args, "--teacher", "vits", "--camera", camera])
+
+
 def test_evenly_spaced_label_fractions() -> None:
     np.testing.assert_array_equal(evenly_spaced(10, 1.0), np.arange(10))
     np.testing.assert_array_equal(evenly_spaced(10, 0.5), [0, 2, 4, 7, 9])
@@ -183,22 +188,7 @@ def test_figures_are_pngs_of_the_expected_sizes(train_store: str, tmp_path: Path
     path = tiny_backbone(tmp_path / "run" / "backbone.pt")
     records = [{"step": s, "loss": 2.0 / s, "distill": 1.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    res = CliRunner().invoke(
-        app,
-        [
-            "figures",
-            "--backbone",
-            str(path),
-            "--store",
-            train_store,
-            "--out",
-            str(tmp_path / "f"),
-            "--teacher",
-            "vits",
-            "--camera",
-            "CAM_BACK",
-        ],
-    )
+    res = figures_cli(path, train_store, tmp_path / "f", "CAM_BACK")
     assert res.exit_code == 0, res.output
     for name, size in SIZES.items():
         assert png_size(tmp_path / "f" / name) == size, name
@@ -212,22 +202,7 @@ def test_figures_are_pngs_of_the_expected_sizes(train_store: str, tmp_path: Path
 
 def test_figures_refuse_an_unknown_camera(train_store: str, tmp_path: Path) -> None:
     path = tiny_backbone(tmp_path / "backbone.pt")
-    res = CliRunner().invoke(
-        app,
-        [
-            "figures",
-            "--backbone",
-            str(path),
-            "--store",
-            train_store,
-            "--out",
-            str(tmp_path),
-            "--teacher",
-            "vits",
-            "--camera",
-            "CAM_NOPE",
-        ],
-    )
+    res = figures_cli(path, train_store, tmp_path, "CAM_NOPE")
     assert res.exit_code == 2 and "CAM_NOPE" in res.output and "CAM_FRONT" in res.output
 
 

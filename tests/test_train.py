@@ -58,8 +58,12 @@ def test_tiny_preset_loss_falls(train_store: str, tmp_path: Path) -> None:
         return sum(r[key] for r in rows[part]) / len(rows[part])
 
     first, last = slice(0, 4), slice(-4, None)
-    for key in ("distill", "cls"):  # deterministic targets: they fall steadily
-        assert mean(key, last) < 0.8 * mean(key, first), (key, rows)
+    # Deterministic targets: they fall steadily. The preset's centred Eq. 1 targets
+    # (loss.center_teacher) have no constant part to learn first, so distillation falls less
+    # in 16 steps (measured 0.92 -> 0.76 over the first / last 4 steps; 0.91 -> 0.19 without
+    # centring) than CLS (1.5 -> 0.14).
+    for key, ratio in (("distill", 0.9), ("cls", 0.8)):
+        assert mean(key, last) < ratio * mean(key, first), (key, rows)
     assert mean("loss", last) < mean("loss", first), rows
     assert all(torch.isfinite(torch.tensor(r["aux"])) for r in rows)
     # The run folder: resolved config, run facts, exports that load.
@@ -161,7 +165,9 @@ def test_run_refuses_to_overwrite_and_resume_needs_same_config(
 def test_two_ddp_processes_equal_one(train_store: str, tmp_path: Path) -> None:
     """gloo on CPU, 2 processes x 1 sample vs 1 process x 2 samples, synchronised BN and
     global-batch loss means: the same training up to float summation order."""
-    extra = ("optim.max_steps=3",)
+    # At the paper's lr: Adam moves a weight with a ~0 gradient by ~lr on rounding noise, so
+    # the weights' agreement scales with lr (1.3e-3 relative at tiny_cpu's 3e-3).
+    extra = ("optim.max_steps=3", "optim.lr=1.0e-3")
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(
         run_args(train_store, one, *extra, "optim.batch_size=2"), check=True, capture_output=True

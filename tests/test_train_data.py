@@ -256,3 +256,30 @@ def test_incompatible_cache_names_the_fix(
 def test_config_refuses_training_nothing() -> None:
     with pytest.raises(ConfigError, match="trains nothing"):
         small("loss.distill=[]", "loss.cls=false", "loss.aux=none")
+
+
+def test_teacher_centring_uses_the_pairs_mean(train_store: str) -> None:
+    """loss.center_teacher: the centre is the mean teacher feature at the point-pixel pairs
+    (here against the dataset + collate path over every pair), kept in the model's state."""
+    from hilda.train.data import teacher_means
+    from hilda.train.losses import sample_grid
+    from hilda.train.model import HildaModel
+
+    cfg = load_config(
+        TrainConfig,
+        CONFIGS / "tiny_cpu.yaml",
+        [*SMALL, "data.teacher=vits", "data.max_pairs_per_image=null", "loss.center_teacher=true"],
+    )
+    info = check_cache(train_store, cfg)
+    samples = sample_index(train_store, info, True)
+    means = teacher_means(info, samples.frames, count=len(samples.frames))
+    batch = collate([CacheDataset(cfg, info, samples)[(i, 0)] for i in range(len(samples.frames))])
+    now = batch.pair_image >= batch.batch_size * batch.teacher_cls.shape[1]  # t0 sweeps' pairs
+    for offset, grid in batch.grids.items():
+        sampled = sample_grid(grid, batch.pair_image[now], batch.pair_uv[now], batch.image_size)
+        np.testing.assert_allclose(means[offset], sampled.double().mean(0).numpy(), atol=2e-3)
+    model = HildaModel(cfg, info.teacher_dim, means)
+    assert "teacher_mean" in model.state_dict()
+    assert "teacher_mean" not in HildaModel(load_config(TrainConfig, None, SMALL), 384).state_dict()
+    with pytest.raises(ConfigError, match="center_teacher"):
+        HildaModel(cfg, info.teacher_dim, None)
