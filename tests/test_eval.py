@@ -88,6 +88,10 @@ def test_split_reads_mapped_labels(nusc_cfg) -> None:
     # (14), car (3) in the 0-based 16-class order.
     assert {3, 10, 14} <= set(np.unique(labels).tolist())
     assert len(open_split(cfg, "mini_train", fraction=0.34).frames) == 1
+    assert [f.token for f in open_split(cfg, "mini_val", max_frames=2).frames] == [
+        val.frames[0].token,
+        val.frames[2].token,
+    ]
 
 
 def test_split_errors_name_the_problem(nusc_cfg, tmp_path: Path) -> None:

@@ -60,7 +60,14 @@ Out = Annotated[
 ]
 
 
-def _seg_config(mode, config, overrides, dataset, root, extra=()):
+def _seg_config(
+    mode: str,
+    config: Path | None,
+    overrides: list[str] | None,
+    dataset: str | None,
+    root: Path | None,
+    extra: tuple[str, ...] | list[str] = (),
+):
     from hilda.eval.config import SegConfig
     from hilda.train.config_io import load_config
 

@@ -9,9 +9,8 @@ import numpy as np
 import zarr
 
 from hilda.errors import HildaError
-from hilda.pipeline.ops import codecs
 from hilda.train.config import DataConfig, DistillPair, LossConfig, TrainConfig
-from hilda.train.data import check_cache, open_cache
+from hilda.train.data import check_cache, evenly_spaced, open_cache, read_teacher_block
 
 
 def read_points(store: str, frames: int | None = None) -> tuple[list[int], list[np.ndarray]]:
@@ -24,8 +23,7 @@ def read_points(store: str, frames: int | None = None) -> tuple[list[int], list[
     if not present:
         raise HildaError(f"{store}: the cache holds no frame with points")
     if frames is not None and frames < len(present):
-        pick = np.unique(np.round(np.linspace(0, len(present) - 1, max(1, frames))).astype(int))
-        present = [present[i] for i in pick]
+        present = [present[i] for i in evenly_spaced(len(present), frames / len(present))]
     data = root["points/data"]
     clouds = [np.asarray(data[offsets[f] : offsets[f + 1]], dtype=np.float32) for f in present]
     return present, clouds
@@ -75,15 +73,8 @@ def read_camera_view(
     mine = cam == v
     visible = np.asarray(root["pointmaps/point"][a:b], np.int64)[mine]
     uv = np.asarray(root["pointmaps/uv"][a:b], np.float32)[mine]
-    g = f"teacher/{info.teacher}"
     block = info.blocks[0]
-    values = np.asarray(root[f"{g}/layer_{block}"][frame, v])
-    scales = None
-    if info.codec_int8:
-        scales = (
-            np.asarray(root[f"{g}/layer_{block}_scale"][frame, v]),
-            np.asarray(root[f"{g}/layer_{block}_token_scale"][frame, v]),
-        )
+    patches = read_teacher_block(root.__getitem__, info, block, (frame, v))  # (h, w, D)
     w, h = (int(x) for x in root["index/image_size"][frame, v])
     return CameraView(
         store=info.store,
@@ -97,7 +88,7 @@ def read_camera_view(
         image_size=(w, h),
         teacher=str(info.teacher),
         block=block,
-        patches=codecs.decode(values, scales),
+        patches=patches.astype(np.float32),
     )
 
 

@@ -21,7 +21,7 @@ from hilda.errors import HildaError
 from hilda.eval.config import SegDataConfig
 from hilda.train import augment
 from hilda.train.config import AugmentConfig
-from hilda.train.data import sample_seed
+from hilda.train.data import evenly_spaced, sample_seed
 
 CLASSES: tuple[str, ...] = COARSE_CLASSES[1:]  # the 16 evaluation classes, index 0..15
 IGNORE = -1
@@ -41,16 +41,11 @@ class Split:
     total: int  # labelled frames in the split before any subsetting
 
 
-def evenly_spaced(n: int, fraction: float) -> np.ndarray:
-    """Indices of round(n * fraction) (at least 1) frames spread evenly over 0..n-1."""
-    if n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    k = min(n, max(1, round(n * fraction)))
-    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(np.int64))
-
-
-def open_split(cfg: SegDataConfig, split: str, *, fraction: float = 1.0) -> Split:
-    """The labelled frames of one split (an evenly spaced ``fraction`` of them)."""
+def open_split(
+    cfg: SegDataConfig, split: str, *, fraction: float = 1.0, max_frames: int | None = None
+) -> Split:
+    """The labelled frames of one split: an evenly spaced ``fraction`` of them, at most
+    ``max_frames`` (also evenly spaced)."""
     if not cfg.root:
         raise HildaError("no dataset root: pass --root (or data.root in the config)")
     version = cfg.resolved()[0]
@@ -71,6 +66,8 @@ def open_split(cfg: SegDataConfig, split: str, *, fraction: float = 1.0) -> Spli
     lut = reader.coarse_label_lut.astype(np.int64) - 1  # 0 (ignore) -> -1
     frames = [LabelledFrame(f.token, f.lidar_file, f.labels_file) for f in reader.frames]
     keep = evenly_spaced(len(frames), fraction)
+    if max_frames is not None and max_frames < len(keep):
+        keep = keep[evenly_spaced(len(keep), max_frames / len(keep))]
     return Split([frames[i] for i in keep], lut, len(frames))
 
 

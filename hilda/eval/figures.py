@@ -17,12 +17,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hilda.datasets.io import read_image
 from hilda.errors import HildaError
 from hilda.eval.cache import CameraView, read_camera_view
-from hilda.eval.segment import Backbone, build_backbone, point_features
+from hilda.eval.segment import build_backbone, frame_features
 from hilda.eval.viz import central_anchor, cosine_to, patch_of, pca_basis, pca_rgb
 
 DPI = 100
@@ -53,15 +52,6 @@ def _save(fig, out: Path, name: str) -> Path:
     fig.savefig(path, dpi=DPI)  # no tight bbox: the size stays SIZES[name]
     plt.close(fig)
     return path
-
-
-def student_features(backbone: Backbone, points: np.ndarray) -> np.ndarray:
-    """(N, 4) points of one frame -> (N, C) final-layer features (eval mode)."""
-    net = backbone.net.eval()
-    with torch.no_grad():
-        pts = torch.from_numpy(points)
-        feats = point_features(net, backbone.voxel, pts, torch.zeros(len(pts), dtype=torch.long))
-    return feats[0].numpy()
 
 
 def _bev(ax, points: np.ndarray, colours, range_m: float, title: str, **kw) -> None:
@@ -204,7 +194,7 @@ def write_figures(
     if len(view.visible) == 0:
         raise HildaError(f"{store}: camera {view.camera} sees no point of frame {frame}")
     net = build_backbone(str(backbone))
-    feats = student_features(net, view.points)
+    feats = frame_features(net, view.points)[0].numpy()  # (N, C)
     if anchor is None:
         row = central_anchor(view.uv, view.image_size)
     else:

@@ -140,11 +140,7 @@ def run_segmentation(
     device = pick_device(cfg.device, World())
     version, train_name, val_name = cfg.data.resolved()
     train_split = open_split(cfg.data, train_name, fraction=cfg.data.fraction)
-    val_split = open_split(cfg.data, val_name)
-    if cfg.data.max_val_frames is not None:
-        val_split = open_split(
-            cfg.data, val_name, fraction=min(1.0, cfg.data.max_val_frames / val_split.total)
-        )
+    val_split = open_split(cfg.data, val_name, max_frames=cfg.data.max_val_frames)
     torch.manual_seed(cfg.seed)
     net = build_backbone(str(backbone), init, seed=cfg.seed)
     model = Segmenter(net, len(CLASSES), frozen=cfg.mode == "linear").to(device)

@@ -13,7 +13,7 @@ import torch
 
 from hilda.eval.cache import read_points
 from hilda.eval.metrics import rankme
-from hilda.eval.segment import Init, build_backbone, point_features
+from hilda.eval.segment import Init, build_backbone, frame_features
 
 LAYER_NAMES = ("L", "L-1", "L-2", "L-3")  # student layers F_L, F_{L-1}, ...
 
@@ -34,24 +34,15 @@ def backbone_rankme(
     or to ``out``."""
     tick = time.perf_counter()
     net = build_backbone(str(backbone), init, seed=seed)
-    model = net.net.eval()
     indices, clouds = read_points(store, frames)
     rng = np.random.default_rng(seed)
     per_frame = max(1, max_points // len(clouds))
     chosen: list[list[torch.Tensor]] = [[] for _ in LAYER_NAMES]
-    with torch.no_grad():
-        for cloud in clouds:
-            pts = torch.from_numpy(cloud)
-            feats = point_features(
-                model,
-                net.voxel,
-                pts,
-                torch.zeros(len(pts), dtype=torch.long),
-                layers=tuple(range(len(LAYER_NAMES))),
-            )
-            rows = torch.from_numpy(rng.choice(len(cloud), min(per_frame, len(cloud)), False))
-            for k, f in enumerate(feats):
-                chosen[k].append(f[rows])
+    for cloud in clouds:
+        feats = frame_features(net, cloud, layers=tuple(range(len(LAYER_NAMES))))
+        rows = torch.from_numpy(rng.choice(len(cloud), min(per_frame, len(cloud)), False))
+        for k, f in enumerate(feats):
+            chosen[k].append(f[rows])
     scores = {}
     for name, parts in zip(LAYER_NAMES, chosen, strict=True):
         z = torch.cat(parts)  # (P, C_l)

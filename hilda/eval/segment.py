@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from hilda.models.convert import backbone_voxel_config, load_backbone, read_backbone_state
-from hilda.models.student import MinkUNet, StudentConfig, build_student
+from hilda.models.convert import backbone_student_config, backbone_voxel_config, load_backbone
+from hilda.models.student import MinkUNet, build_student
 from hilda.models.voxelize import VoxelConfig, voxelize
 
 Init = Literal["pretrained", "random"]
@@ -33,12 +34,10 @@ def build_backbone(
     if init == "pretrained":
         net = load_backbone(path, backend=backend)
     elif init == "random":
-        _, config = read_backbone_state(path)
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-        fields["backend"] = backend or fields.get("backend") or "minkowski"
+        cfg, _ = backbone_student_config(path, backend)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = build_student(StudentConfig(**fields))
+            net = build_student(cfg)
     else:
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     return Backbone(net, voxel, init, str(path))
@@ -55,6 +54,17 @@ def point_features(
     points in frames ``batch`` (N,) -> [(N, C_l)]."""
     out = net(voxelize(points, batch, voxel))
     return [out.point_feats[k] for k in layers]
+
+
+def frame_features(
+    backbone: Backbone, points: np.ndarray, layers: tuple[int, ...] = (0,)
+) -> list[torch.Tensor]:
+    """One frame's (N, 4) points through the backbone in eval mode, without a graph ->
+    [(N, C_l)] for student layers ``layers``."""
+    with torch.no_grad():
+        pts = torch.from_numpy(points)
+        batch = torch.zeros(len(pts), dtype=torch.long)
+        return point_features(backbone.net.eval(), backbone.voxel, pts, batch, layers)
 
 
 class SegmentationHead(nn.Module):

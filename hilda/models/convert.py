@@ -164,17 +164,26 @@ def backbone_voxel_config(path):
     return VoxelConfig(**voxel) if isinstance(voxel, dict) else VoxelConfig()
 
 
-def load_backbone(path, backend: str | None = None, **overrides):
-    """Build a student from a checkpoint on ``backend`` (default: the layout it was saved in)."""
-    from hilda.models.student import StudentConfig, build_student
+def backbone_student_config(path, backend: str | None = None, **overrides):
+    """(StudentConfig, state dict) of a checkpoint; ``backend`` defaults to the layout it was
+    saved in."""
+    from hilda.models.student import StudentConfig
 
     state, config = read_backbone_state(path)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     fields.update(overrides)
     fields["backend"] = backend or fields.get("backend") or detect_layout(state)
-    model = build_student(StudentConfig(**fields))
+    return StudentConfig(**fields), state
+
+
+def load_backbone(path, backend: str | None = None, **overrides):
+    """Build a student from a checkpoint on ``backend`` (default: the layout it was saved in)."""
+    from hilda.models.student import build_student
+
+    cfg, state = backbone_student_config(path, backend, **overrides)
+    model = build_student(cfg)
     try:
-        model.load_state_dict(convert_state(state, fields["backend"]))
+        model.load_state_dict(convert_state(state, cfg.backend))
     except RuntimeError as exc:
         raise ConfigError(f"{path} does not fit MinkUNet {model.cfg}: {exc}") from exc
     return model

@@ -10,7 +10,7 @@ are not samples; they are counted and reported.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,6 +176,28 @@ def _check_teacher(root: zarr.Group, store: str, cfg: TrainConfig) -> dict:
     }
 
 
+def evenly_spaced(n: int, fraction: float) -> np.ndarray:
+    """Indices of round(n * fraction) (at least 1) of 0..n-1, spread evenly (sorted)."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    k = min(n, max(1, round(n * fraction)))
+    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(np.int64))
+
+
+def read_teacher_block(
+    get: Callable[[str], zarr.Array], info: CacheInfo, block: int, index: int | tuple[int, int]
+) -> np.ndarray:
+    """Patch features of teacher ``block`` at ``index`` (a frame -> (V, h, w, D), or
+    (frame, camera) -> (h, w, D)) as stored (float16 / bitround) or decoded from int8 to
+    float32. ``get`` opens an array by path (a cached handle or ``root.__getitem__``)."""
+    g = f"teacher/{info.teacher}/layer_{block}"
+    values = np.asarray(get(g)[index])
+    if info.codec_int8:
+        scales = (np.asarray(get(f"{g}_scale")[index]), np.asarray(get(f"{g}_token_scale")[index]))
+        values = codecs.decode(values, scales)
+    return values
+
+
 def teacher_means(info: CacheInfo, frames: np.ndarray, count: int) -> dict[int, np.ndarray]:
     """{offset: (D,) float64} mean of each distilled teacher block's features where LiDAR
     points land (bilinear at the pairs' uv, as Eq. 1 samples them), over ``count`` of
@@ -184,8 +206,7 @@ def teacher_means(info: CacheInfo, frames: np.ndarray, count: int) -> dict[int, 
     from hilda.train.losses import sample_grid  # torch-side; imported here to keep data light
 
     root = zarr.open_group(info.store, mode="r")
-    g = f"teacher/{info.teacher}"
-    pick = frames[np.unique(np.linspace(0, len(frames) - 1, max(1, count)).round().astype(int))]
+    pick = frames[evenly_spaced(len(frames), count / max(1, len(frames)))]
     offsets = np.asarray(root["pointmaps/offsets"][:])
     sizes = np.asarray(root["index/image_size"][:])
     totals = {k: np.zeros(info.teacher_dim) for k in info.blocks}
@@ -198,13 +219,7 @@ def teacher_means(info: CacheInfo, frames: np.ndarray, count: int) -> dict[int, 
         uv = torch.from_numpy(np.asarray(root["pointmaps/uv"][a:b], np.float32))
         size = torch.from_numpy(sizes[f].astype(np.float32))  # (V, 2)
         for offset, block in info.blocks.items():
-            values = np.asarray(root[f"{g}/layer_{block}"][f])  # (V, h, w, D)
-            if info.codec_int8:
-                scales = (
-                    np.asarray(root[f"{g}/layer_{block}_scale"][f]),
-                    np.asarray(root[f"{g}/layer_{block}_token_scale"][f]),
-                )
-                values = codecs.decode(values, scales)
+            values = read_teacher_block(root.__getitem__, info, block, f)  # (V, h, w, D)
             sampled = sample_grid(torch.from_numpy(values.astype(np.float32)), cam, uv, size)
             totals[offset] += sampled.double().sum(dim=0).numpy()
         n += b - a
@@ -325,19 +340,13 @@ class CacheDataset(Dataset):
 
     def _teacher(self, f: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """{offset: (V, h, w, D) float16}, CLS (V, D) float32 of the last block."""
-        g = f"teacher/{self.info.teacher}"
         grids = {}
         for offset, block in self.info.blocks.items():
-            values = np.asarray(self._array(f"{g}/layer_{block}")[f])
-            if self.info.codec_int8:
-                scales = (
-                    np.asarray(self._array(f"{g}/layer_{block}_scale")[f]),
-                    np.asarray(self._array(f"{g}/layer_{block}_token_scale")[f]),
-                )
-                values = codecs.decode(values, scales)
+            values = read_teacher_block(self._array, self.info, block, f)
             # float16 travels to the device as stored; sampling there is in float32.
             grids[offset] = values.astype(np.float16, copy=False)
-        cls = np.asarray(self._array(f"{g}/cls")[f, :, self.info.cls_index], np.float32)
+        cls_tokens = self._array(f"teacher/{self.info.teacher}/cls")
+        cls = np.asarray(cls_tokens[f, :, self.info.cls_index], np.float32)
         return grids, cls  # cls (V, D)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
