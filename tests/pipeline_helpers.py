@@ -27,6 +27,7 @@ def build_cache(
     split: str = "all",
     stages: tuple[str, ...] = ("index", "pointmaps", "occupancy", "teacher"),
     skip_bad: bool = False,
+    teacher: dict | None = None,
 ) -> None:
     opts = StageOptions(cluster=ClusterConfig(workers=workers), skip_bad=skip_bad)
     if "index" in stages:
@@ -45,7 +46,7 @@ def build_cache(
     if "occupancy" in stages:
         run_occupancy(OccupancyStageConfig(store=store, occupancy=OccupancyConfig(grid=256)), opts)
     if "teacher" in stages:
-        run_teacher(TeacherConfig(store=store, **TEACHER), opts)
+        run_teacher(TeacherConfig(store=store, **(teacher or TEACHER)), opts)
 
 
 def array_files(store: Path) -> dict[str, bytes]:
