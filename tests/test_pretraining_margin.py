@@ -12,7 +12,7 @@ Measured (three probe seeds each; the seed draws the probe head and its batch or
 random backbone's weights). Two runs of this test, since pre-training is not bit-reproducible
 across runs (CPU thread scheduling): pre-trained 22.79 / 22.72 / 22.61 and 21.08 / 20.72 /
 20.48; random init 15.78 / 14.89 / 16.44 both times. The smallest pre-trained score beat the
-largest random-init score by 6.2 and 4.0 points; the runs' means differ by 2.1, the random
+largest random-init score by 6.2 and 4.0 points; the runs' means differ by 2.0, the random
 seeds span 1.55. The test asserts a gap of 2 points: above the random seeds' spread, and what
 the smaller run leaves after losing another run-to-run difference.
 """
