@@ -30,11 +30,12 @@ from hilda.eval.probe import run_segmentation
 from hilda.train.config import TrainConfig
 from hilda.train.config_io import load_config
 from hilda.train.loop import train
+from tests.pipeline_helpers import TEACHER as PIPELINE_TEACHER
 from tests.pipeline_helpers import build_cache
 from tests.train_helpers import CONFIGS
 
 WORLD = dict(format="nuscenes", scenes=3, frames_per_scene=6, seed=0, image_size=(640, 360))
-TEACHER = dict(teacher="random:vits14", layers="last2", image_size=(448, 224), name="vits")
+TEACHER = {**PIPELINE_TEACHER, "image_size": (448, 224)}  # the demo's teacher resolution
 STEPS = 96
 SEEDS = (0, 1, 2)
 MARGIN = 0.02  # mIoU: 2 points (see above)
