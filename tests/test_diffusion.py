@@ -1,4 +1,5 @@
-"""DDPM schedule, denoiser UNet, history fusion, masking, sampling, and a short training run."""
+"""DDPM schedule, denoiser UNet, history fusion, masking, sampling, and a short training run
+(through the trainer's Eq. 3, ``hilda.train.losses.diffusion_loss``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hilda.models.diffusion import (
     random_mask,
     timestep_embedding,
 )
+from hilda.train.losses import diffusion_loss
 
 TINY = DiffusionConfig(base_channels=8, channel_mults=(1, 2), history_channels=8, groups=4)
 
@@ -87,7 +89,11 @@ def test_head_loss_terms(mask: str) -> None:
     head = DiffusionHead(bev_channels=6, cfg=cfg)
     bev = torch.randn(2, 6, 16, 16, requires_grad=True)
     target = torch.rand(2, 16, 16) > 0.7
-    loss = head(bev, bev, target)
+    pred = head(bev, bev, target)
+    assert pred.eps.shape == pred.noise.shape == pred.x0_hat.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(pred.x0, target.float()[:, None])
+    assert float(pred.x0_hat.min()) >= cfg.x0_clip[0] and float(pred.x0_hat.max()) <= cfg.x0_clip[1]
+    loss = diffusion_loss(pred.eps, pred.noise, pred.x0_hat, pred.x0, cfg.x0_weight)
     torch.testing.assert_close(loss.total, loss.noise + 0.5 * loss.x0)
     loss.total.backward()
     assert float(bev.grad.abs().sum()) > 0
@@ -103,7 +109,8 @@ def test_denoiser_learns_a_fixed_target_and_samples_it() -> None:
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     losses = []
     for _ in range(300):
-        loss = head(bev, bev, target, generator=g)
+        pred = head(bev, bev, target, generator=g)
+        loss = diffusion_loss(pred.eps, pred.noise, pred.x0_hat, pred.x0, TINY.x0_weight)
         opt.zero_grad()
         loss.total.backward()
         opt.step()

@@ -111,6 +111,38 @@ def linear_probe_cmd(
     _run_seg(_seg_config("linear", config, overrides, dataset, root), backbone, init, out)
 
 
+@app.command("teacher-probe")
+@fail_cleanly
+def teacher_probe_cmd(
+    store: Annotated[Path, typer.Option("--store", help="cache of the training split")],
+    val_store: Annotated[Path, typer.Option("--val-store", help="cache of the validation split")],
+    dataset: Dataset = None,
+    root: Root = None,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="group under teacher/ (default: the only one)")
+    ] = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="result JSON (default: next to --store)")
+    ] = None,
+) -> None:
+    """The teacher's own linear probe at the LiDAR points the cameras see (its features at the
+    point-pixel pairs, the Eq. 1 targets): what a student distilled from it can approach."""
+    from rich.console import Console
+
+    from hilda.eval.report import result_table
+    from hilda.eval.teacher_probe import run_teacher_probe
+
+    cfg = _seg_config("linear", config, overrides, dataset, root)
+    console = Console()
+    result = run_teacher_probe(
+        cfg, str(store), str(val_store), teacher=teacher, out=out, console=console
+    )
+    console.print(result_table([{**result, "backbone": f"teacher/{result['teacher']}"}]))
+    console.print(f"teacher mIoU {100 * result['miou']:.2f} -> {result['path']}")
+
+
 @app.command("finetune")
 @fail_cleanly
 def finetune_cmd(

@@ -288,7 +288,11 @@ def build_occupancy_cmd(
 def extract_teacher_cmd(
     store: Store,
     teacher: Annotated[
-        str, typer.Option(help="HF id, local dir, dinov2_*_pretrain.pth, or random:vits14")
+        str,
+        typer.Option(
+            help="HF id, local dir, dinov2_*_pretrain.pth, random:vits14, or oracle (synthetic "
+            "worlds only: known-semantics features from the rendered class maps)"
+        ),
     ] = "random:vits14",
     layers: Annotated[
         str, typer.Option(help="lastK or block indices, e.g. last2 or 10,11")

@@ -14,6 +14,9 @@ import numpy as np
 from hilda.errors import HildaError
 
 NUSCENES_POINT_DIMS = 5  # x, y, z, intensity, ring index (float32)
+# The synthetic world's per-pixel classes (general-category index, 0 = sky) are a PNG beside
+# each camera image: ``<image stem>.classes.png``. Real datasets have none.
+CLASS_MAP_SUFFIX = ".classes.png"
 
 
 class DatasetError(HildaError):
@@ -109,3 +112,28 @@ def read_image(
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DatasetError(f"corrupt image ({exc}): {_where(path, frame)}") from None
+
+
+def class_map_path(image_path: str | os.PathLike) -> str:
+    """The class map that the synthetic world writes beside ``image_path``."""
+    path = Path(image_path)
+    return str(path.with_name(path.name.rsplit(".", 1)[0] + CLASS_MAP_SUFFIX))
+
+
+def read_class_map(image_path: str | os.PathLike, frame: str | None = None) -> np.ndarray:
+    """(H, W) uint8 general-category index of every pixel of the image at ``image_path``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = class_map_path(image_path)
+    if not os.path.isfile(path):
+        raise DatasetError(
+            f"no per-pixel class map beside the camera image (only synthetic worlds written by "
+            f"`hilda-prep make-synthetic` have them): {_where(path, frame)}"
+        )
+    try:
+        with Image.open(path) as img:
+            if img.mode != "L":
+                raise DatasetError(f"class map is {img.mode}, not 8-bit: {_where(path, frame)}")
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DatasetError(f"corrupt class map ({exc}): {_where(path, frame)}") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +52,25 @@ def _loader(dataset: SegDataset, batch: int, workers: int, sampler=None) -> Data
     )
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if not bool((labels != IGNORE).any()):  # every point ignored: nothing to learn here
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=IGNORE)
 
 
 def _optimizer(model: Segmenter, cfg: SegConfig, total: int):
-    o = cfg.optim
-    groups = [{"params": list(model.head.parameters()), "lr": o.lr * o.head_lr_mult}]
+    groups = [
+        {"params": list(model.head.parameters()), "lr": cfg.optim.lr * cfg.optim.head_lr_mult}
+    ]
     if not model.frozen:
-        groups.append({"params": list(model.backbone.parameters()), "lr": o.lr})
+        groups.append({"params": list(model.backbone.parameters()), "lr": cfg.optim.lr})
+    return optimizer_for(groups, cfg, total)
+
+
+def optimizer_for(groups: list[dict], cfg: SegConfig, total: int):
+    """AdamW over parameter ``groups`` (each with its peak ``lr``) and a OneCycle schedule of
+    ``total`` steps."""
+    o = cfg.optim
     optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
@@ -88,6 +96,14 @@ def _cached_batches(
             feats.append(model.features(b.points, b.batch).to("cpu", torch.float16))
             labels.append(b.labels.cpu())
     console.print(f"cached frozen features of {len(feats)} training frames")
+    return feature_batches(feats, labels, cfg, device)
+
+
+def feature_batches(
+    feats: list[torch.Tensor], labels: list[torch.Tensor], cfg: SegConfig, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(epoch, features (N, C), labels (N,)) batches of ``optim.batch_size`` frames, in an
+    order seeded by (seed, epoch), over per-frame features computed once."""
     n, size = len(feats), min(cfg.optim.batch_size, len(feats))
     epoch = 0
     while True:
@@ -112,6 +128,45 @@ def _online_batches(
         for b in _loader(dataset, size, cfg.data.num_workers, sampler):
             yield epoch, b.to(device)
         epoch += 1
+
+
+def fit(
+    loss_of: Callable[[tuple], torch.Tensor],
+    batches: Iterator[tuple],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    total: int,
+    cfg: SegConfig,
+    console: Console,
+) -> list[tuple[int, float]]:
+    """``total`` optimiser steps over ``batches`` of (epoch, *batch); returns the loss curve
+    (every ``log_every`` steps) and shows progress."""
+    curve: list[tuple[int, float]] = []
+    progress = Progress(
+        TextColumn(f"[bold]{cfg.mode}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(cfg.mode, total=total, status="")
+        for step, (epoch, *batch) in zip(range(1, total + 1), batches, strict=False):
+            loss = loss_of(tuple(batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step} (epoch {epoch})")
+            if step % cfg.log_every == 0 or step == total:
+                curve.append((step, value))
+                if not console.is_terminal:
+                    console.print(f"{cfg.mode} step {step}/{total} epoch {epoch} loss {value:.4f}")
+            progress.update(task, completed=step, status=f"loss {value:.4f}")
+    return curve
 
 
 def evaluate(model: Segmenter, split: Split, cfg: SegConfig, device: torch.device) -> np.ndarray:
@@ -162,38 +217,16 @@ def run_segmentation(
         if cfg.cache_features
         else _online_batches(train_split, cfg, device)
     )
-    curve: list[tuple[int, float]] = []
-    progress = Progress(
-        TextColumn(f"[bold]{cfg.mode}[/]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
-    with progress:
-        task = progress.add_task(cfg.mode, total=total, status="")
-        for step, (epoch, *batch) in zip(range(1, total + 1), batches, strict=False):
-            model.train()
-            if cfg.cache_features:
-                x, y = batch
-                logits = model.head(x)
-            else:
-                (b,) = batch
-                logits, y = model(b.points, b.batch), b.labels
-            loss = _loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step} (epoch {epoch})")
-            if step % cfg.log_every == 0 or step == total:
-                curve.append((step, value))
-                if not console.is_terminal:
-                    console.print(f"{cfg.mode} step {step}/{total} epoch {epoch} loss {value:.4f}")
-            progress.update(task, completed=step, status=f"loss {value:.4f}")
+
+    def loss_of(batch: tuple) -> torch.Tensor:
+        model.train()
+        if cfg.cache_features:
+            x, y = batch
+            return seg_loss(model.head(x), y)
+        (b,) = batch
+        return seg_loss(model(b.points, b.batch), b.labels)
+
+    curve = fit(loss_of, batches, optimizer, scheduler, total, cfg, console)
     batches.close()  # stops a DataLoader mid-epoch (its workers) now, not at garbage collection
     train_seconds = time.perf_counter() - tick
 

@@ -225,11 +225,13 @@ def random_mask(
 
 
 @dataclass
-class DiffusionLoss:
-    total: torch.Tensor  # noise + lambda * x0 (Eq. 3), mean over the batch
-    noise: torch.Tensor
-    x0: torch.Tensor
-    per_sample: torch.Tensor  # (B,) Eq. 3 of each sample (for means over a global batch)
+class DiffusionPrediction:
+    """What Eq. 3 compares (``hilda.train.losses.diffusion_loss``), all (B, 1, H, W)."""
+
+    eps: torch.Tensor  # the denoiser's noise estimate
+    noise: torch.Tensor  # the noise drawn
+    x0_hat: torch.Tensor  # the x0 implied by eps, clipped to x0_clip
+    x0: torch.Tensor  # the target occupancy
 
 
 @dataclass
@@ -275,9 +277,10 @@ class DiffusionHead(nn.Module):
         target: torch.Tensor,
         generator: torch.Generator | None = None,
         draws: DiffusionDraws | None = None,
-    ) -> DiffusionLoss:
+    ) -> DiffusionPrediction:
         """bev_* (B, C, H, W) pooled student features; target (B, H, W) occupancy in {0, 1}.
-        ``draws`` fixes tau / noise / mask; otherwise they come from ``generator``."""
+        ``draws`` fixes tau / noise / mask; otherwise they come from ``generator``. Returns
+        the denoiser's prediction at a noised target, which Eq. 3 scores."""
         cond = self.history(bev_prev, bev_now)  # (B, 32, H, W)
         x0 = target.float()[:, None]  # (B, 1, H, W)
         b, dev = x0.shape[0], x0.device
@@ -296,12 +299,9 @@ class DiffusionHead(nn.Module):
                 cond = cond * draws.keep
             else:
                 x_t = x_t * draws.keep
-        eps = self.denoiser(torch.cat([x_t, cond], dim=1), tau)  # (B, 1, H, W)
-        noise_ps = (eps.float() - noise).square().mean(dim=(1, 2, 3))  # (B,)
-        x0_hat = self.schedule.predict_x0(x_t, tau, eps.float()).clamp(*cfg.x0_clip)
-        x0_ps = (x0_hat - x0).square().mean(dim=(1, 2, 3))  # (B,)
-        per_sample = noise_ps + cfg.x0_weight * x0_ps
-        return DiffusionLoss(per_sample.mean(), noise_ps.mean(), x0_ps.mean(), per_sample)
+        eps = self.denoiser(torch.cat([x_t, cond], dim=1), tau).float()  # (B, 1, H, W)
+        x0_hat = self.schedule.predict_x0(x_t, tau, eps).clamp(*cfg.x0_clip)
+        return DiffusionPrediction(eps, noise, x0_hat, x0)
 
     @torch.no_grad()
     def sample(

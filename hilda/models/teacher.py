@@ -8,23 +8,31 @@ Sources (``build_teacher``):
 - a local directory saved by ``save_pretrained``;
 - a Hugging Face id (``facebook/dinov2-base``), when cached or online.
 
-Features follow DINOv2's ``get_intermediate_layers(norm=True)``: the output of each selected
-block with the final LayerNorm applied (``norm=False`` keeps the raw block output), CLS and
-register tokens stripped, reshaped to the (h, w) patch grid. Position embeddings are resized by
-transformers' ``Dinov2Embeddings.interpolate_pos_encoding`` (bicubic to the target grid; the
-official code adds 0.1 to the scale factor and the register models use antialiasing, so
-features at non-native sizes differ slightly from the official implementation's).
+The features equal the official implementation's (facebookresearch/dinov2,
+``DinoVisionTransformer.get_intermediate_layers(norm=True)``), not transformers' own: the
+output of each selected block with the final LayerNorm applied (``norm=False`` keeps the raw
+block output), CLS and register tokens stripped, reshaped to the (h, w) patch grid. The one
+place where transformers computes something else is the resizing of the 37 x 37 position
+embeddings to another patch grid: transformers interpolates bicubically to the exact grid,
+while the official code passes a scale factor ``(h0 + offset) / 37`` (offset 0.1, no
+antialias, for the models without registers; offset 0 and antialias for the register models),
+which moves the sampling positions. ``use_official_pos_interpolation`` replaces the method on
+the loaded model's embeddings, so every source above gets the official resizing without a fork
+of transformers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
+import types
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hilda.errors import ConfigError
@@ -51,6 +59,7 @@ class TeacherInfo:
     registers: int
     weights_hash: str
     random_init: bool
+    pos_embed_interpolation: str  # how position embeddings are resized (PosInterpolation)
 
 
 def _config(arch: str, registers: int):
@@ -77,6 +86,80 @@ def _model_from_config(config) -> nn.Module:
 
     cls = Dinov2WithRegistersModel if getattr(config, "num_register_tokens", 0) else Dinov2Model
     return cls(config)
+
+
+@dataclass(frozen=True)
+class PosInterpolation:
+    """How the official code resizes the position embeddings (``interpolate_offset``,
+    ``interpolate_antialias`` of ``DinoVisionTransformer``)."""
+
+    offset: float
+    antialias: bool
+
+    def describe(self) -> str:
+        return (
+            f"official DINOv2: bicubic, scale_factor (grid + {self.offset}) / 37, "
+            f"antialias={self.antialias}"
+        )
+
+
+# The hub's settings: ``dinov2_vit*14`` and ``dinov2_vit*14_reg`` (backbones.py).
+POS_NO_REGISTERS = PosInterpolation(offset=0.1, antialias=False)
+POS_REGISTERS = PosInterpolation(offset=0.0, antialias=True)
+
+
+def pos_interpolation(registers: int) -> PosInterpolation:
+    return POS_REGISTERS if registers else POS_NO_REGISTERS
+
+
+def official_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], how: PosInterpolation
+) -> torch.Tensor:
+    """The official ``interpolate_pos_encoding``: pos_embed (1, 1 + M * M, D) with the CLS
+    position first -> (1, 1 + h0 * w0, D) for a grid of (h0, w0) patches, in float32."""
+    n = pos_embed.shape[1] - 1
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ConfigError(f"position embeddings of {n} patches do not form a square grid")
+    h0, w0 = grid
+    if (h0, w0) == (m, m):  # the native grid: used as is (the official early return)
+        return pos_embed.float()
+    pos = pos_embed.float()
+    dim = pos.shape[-1]
+    patch = pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)  # (1, D, M, M)
+    if how.offset:
+        # A scale factor, not a size: with recompute_scale_factor unset, torch maps output
+        # pixel i to input (i + 0.5) / scale - 0.5, so the offset shifts every sample.
+        resize = {"scale_factor": ((h0 + how.offset) / m, (w0 + how.offset) / m)}
+    else:
+        resize = {"size": (h0, w0)}
+    patch = F.interpolate(patch, mode="bicubic", antialias=how.antialias, **resize)
+    if patch.shape[-2:] != (h0, w0):
+        raise ConfigError(f"interpolated position grid {tuple(patch.shape[-2:])} != {grid}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)  # (1, h0 w0, D)
+    return torch.cat([pos[:, :1], patch], dim=1)
+
+
+def _official_interpolate_pos_encoding(
+    self: nn.Module, embeddings: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Drop-in for transformers' ``Dinov2*Embeddings.interpolate_pos_encoding(embeddings,
+    height, width)`` (pixel sizes) that resizes as the official code does."""
+    grid = (height // PATCH, width // PATCH)
+    return official_pos_embed(self.position_embeddings, grid, self.pos_interpolation).to(
+        embeddings.dtype
+    )
+
+
+def use_official_pos_interpolation(model: nn.Module) -> PosInterpolation:
+    """Make a transformers DINOv2 model resize its position embeddings as the official code
+    does for its kind (with or without registers). A bound method on the embeddings
+    instance: ``copy.deepcopy`` and pickling rebind it to the copy."""
+    emb = model.embeddings
+    how = pos_interpolation(int(getattr(model.config, "num_register_tokens", 0) or 0))
+    emb.pos_interpolation = how
+    emb.interpolate_pos_encoding = types.MethodType(_official_interpolate_pos_encoding, emb)
+    return how
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -114,12 +197,21 @@ def _block_map(model: nn.Module, swiglu: bool) -> list[tuple[str, str]]:
         ("norm2", "norm2"),
         ("ls2.gamma", "layer_scale2.lambda1"),
     ]
-    mlp = (
-        [("mlp.w12", "mlp.weights_in"), ("mlp.w3", "mlp.weights_out")]
-        if swiglu
-        else [("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
-    )
-    return pairs + mlp
+    if not swiglu:
+        return [*pairs, ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
+    if _split_swiglu(model):  # w12 is split into gate / up by official_to_hf itself
+        return [*pairs, ("mlp.w3", "mlp.down_proj")]
+    return [*pairs, ("mlp.w12", "mlp.weights_in"), ("mlp.w3", "mlp.weights_out")]
+
+
+def _split_swiglu(model: nn.Module) -> bool:
+    """transformers >= 5 keeps SwiGLU's fused input layer (official ``w12``, whose output halves
+    are the gate and the value) as two layers, ``gate_proj`` and ``up_proj``."""
+    return any(".mlp.gate_proj." in k for k in model.state_dict())
+
+
+def _is_swiglu(state: dict[str, torch.Tensor]) -> bool:
+    return any(".mlp.weights_in." in k or ".mlp.gate_proj." in k for k in state)
 
 
 def _num_blocks(state: dict[str, torch.Tensor], pattern: str) -> int:
@@ -153,13 +245,16 @@ def official_to_hf(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
             qkv = state[f"{src}attn.qkv.{kind}"]
             for name, part in zip((q, k, v), qkv.chunk(3, dim=0), strict=True):
                 out[f"{dst}{name}.{kind}"] = part
+            if swiglu and _split_swiglu(model):
+                gate, up = state[f"{src}mlp.w12.{kind}"].chunk(2, dim=0)
+                out[f"{dst}mlp.gate_proj.{kind}"], out[f"{dst}mlp.up_proj.{kind}"] = gate, up
     return out
 
 
 def hf_to_official(model: nn.Module) -> dict[str, torch.Tensor]:
     """The inverse of ``official_to_hf`` (to export, and to test the loader)."""
     state = model.state_dict()
-    swiglu = any(".mlp.weights_in." in k for k in state)
+    swiglu = _is_swiglu(state)
     q, k, v, _ = _attention_names(model)
     out = {
         "cls_token": state["embeddings.cls_token"],
@@ -181,6 +276,9 @@ def hf_to_official(model: nn.Module) -> dict[str, torch.Tensor]:
                     out[f"{dst}{off}.{kind}" if kind else f"{dst}{off}"] = state[key]
         for kind in ("weight", "bias"):
             out[f"{dst}attn.qkv.{kind}"] = torch.cat([state[f"{src}{n}.{kind}"] for n in (q, k, v)])
+            if swiglu and _split_swiglu(model):
+                halves = [state[f"{src}mlp.{n}.{kind}"] for n in ("gate_proj", "up_proj")]
+                out[f"{dst}mlp.w12.{kind}"] = torch.cat(halves)
     return out
 
 
@@ -230,6 +328,7 @@ def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
         arch = next((n for n, s in SIZES.items() if s[0] == dim), f"vit-{dim}")
         registers = int(getattr(model.config, "num_register_tokens", 0))
     model.eval().requires_grad_(False)
+    how = use_official_pos_interpolation(model)
     config = model.config
     info = TeacherInfo(
         model_id=source,
@@ -239,6 +338,7 @@ def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
         registers=registers,
         weights_hash=weights_hash(model),
         random_init=random_init,
+        pos_embed_interpolation=how.describe(),
     )
     return model, info
 

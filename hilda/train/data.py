@@ -151,9 +151,18 @@ def _check_teacher(root: zarr.Group, store: str, cfg: TrainConfig) -> dict:
             f"--teacher <a {cfg.data.teacher_arch} DINOv2> --layers lastK` or pick the preset "
             "of that teacher"
         )
-    if arch not in SIZES:
+    depth = t.get("depth", SIZES[arch][1] if arch in SIZES else None)
+    if depth is None:
         raise CacheMismatchError(f"{store}: teacher/{name}/ has unknown arch {arch!r}")
-    depth = SIZES[arch][1]
+    if str(t.get("pos_embed_interpolation", "")).startswith("transformers") and not t.get(
+        "registers"
+    ):
+        raise CacheMismatchError(
+            f"{store}: teacher/{name}/ was extracted with transformers' position-embedding "
+            "resizing, which differs from the official DINOv2 features (hilda now reproduces "
+            f"the official ones): run `hilda-prep extract-teacher --store {store} --teacher "
+            f"{t.get('model_id')} --layers last{len(t['blocks'])} --overwrite`"
+        )
     stored = list(t["blocks"])
     wanted = {k: depth - 1 - k for k in cfg.teacher_offsets}
     if cfg.loss.cls:

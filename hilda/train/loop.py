@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from hilda.errors import ConfigError, HildaError
 from hilda.models.convert import convert_state, save_backbone
+from hilda.models.sparse import load_ops
 from hilda.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from hilda.train.config import TrainConfig
 from hilda.train.config_io import from_dict, save_config, to_dict
@@ -144,17 +146,29 @@ def train_step(
     return logged
 
 
-def _configure(cfg: TrainConfig) -> None:
-    if cfg.run.deterministic:
-        # Deterministic kernels where torch has them, and one thread in every native thread
-        # pool (torch's OpenMP, and the OpenBLAS that MinkowskiEngine's CPU build calls, which
-        # torch.set_num_threads does not reach): two 2-thread runs differed by ~5e-6 after 4
-        # steps, 1-thread runs are bit-identical. Call after the sparse backend is imported.
-        from threadpoolctl import threadpool_limits
+@contextlib.contextmanager
+def _configured(cfg: TrainConfig) -> Iterator[None]:
+    """The run's numeric settings, undone afterwards (a process that trains, then evaluates,
+    gets its threads back)."""
+    if not cfg.run.deterministic:
+        yield
+        return
+    # Deterministic kernels where torch has them, and one thread in every native thread pool
+    # (torch's OpenMP, and the OpenBLAS that MinkowskiEngine's CPU build calls, which
+    # torch.set_num_threads does not reach): two 2-thread runs differed by ~5e-6 after 4
+    # steps, 1-thread runs are bit-identical. Entered after the sparse backend is imported.
+    from threadpoolctl import threadpool_limits
 
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.set_num_threads(1)
-        threadpool_limits(limits=1)
+    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(1)
+    limits = threadpool_limits(limits=1)
+    try:
+        yield
+    finally:
+        limits.restore_original_limits()
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was)
 
 
 def train(
@@ -169,8 +183,10 @@ def train(
     out = Path(out)
     console = console or Console()
     world = init_distributed(device_type(cfg.run.device))
+    load_ops(cfg.model.student.backend)  # imported before the thread settings (see _configured)
     try:
-        return _train(cfg, store, out, resume, console, world)
+        with _configured(cfg):
+            return _train(cfg, store, out, resume, console, world)
     finally:
         shutdown(world)
 
@@ -213,7 +229,6 @@ def _train(
     if cfg.loss.center_teacher and cfg.loss.distill:
         means = teacher_means(info, samples.frames, cfg.loss.center_frames)
     model = HildaModel(cfg, info.teacher_dim, means).to(device)
-    _configure(cfg)
     if world.distributed and cfg.run.sync_bn:
         sync_batchnorm(model, device.type)
     net: torch.nn.Module = model

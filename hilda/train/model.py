@@ -1,8 +1,9 @@
 """What the trainer optimises: the student, one projection head per distilled pair, the CLS
 head and the auxiliary occupancy head, and their loss terms (Eq. 1-3) on a batch.
 
-Each term is a mean over the *global* batch (``global_mean``), so DDP with any process count
-trains like one process with the whole batch.
+The terms are computed by ``hilda.train.losses`` (the functions its tests check by hand); this
+module only gathers their inputs. Each is reduced over the *global* batch (``global_mean``), so
+DDP with any process count trains like one process with the whole batch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_scatter import scatter_max, scatter_mean
 
 from hilda.errors import ConfigError
 from hilda.models.bev import bev_pool
@@ -23,7 +23,14 @@ from hilda.models.voxelize import voxelize
 from hilda.train.config import TrainConfig
 from hilda.train.data import Batch
 from hilda.train.distributed import global_mean
-from hilda.train.losses import pair_distance, sample_grid
+from hilda.train.losses import (
+    cls_loss,
+    cls_loss_per_image,
+    diffusion_loss,
+    distill_loss,
+    multilayer_distill_loss,
+    teacher_targets,
+)
 
 
 class HildaModel(nn.Module):
@@ -81,38 +88,35 @@ class HildaModel(nn.Module):
         return terms
 
     def _distill(self, feats: list[torch.Tensor], batch: Batch, clouds: int) -> dict:
-        """Eq. 1: per pair (teacher blocks -> student layer), the distance averaged per image,
-        then over images with pairs; then over the pairs (1 / (K + 1))."""
+        """Eq. 1 for every distilled pair (teacher blocks -> student layer), then their mean."""
         images = clouds * batch.teacher_cls.shape[1]
-        sampled: dict[int, torch.Tensor] = {}
         row = {k: i for i, k in enumerate(self.cfg.teacher_offsets)}
-        for offset, grid in batch.grids.items():  # (I, h, w, D) -> (Q, D) bilinear at uv
-            sampled[offset] = sample_grid(grid, batch.pair_image, batch.pair_uv, batch.image_size)
-            if self.teacher_mean is not None:
-                sampled[offset] = sampled[offset] - self.teacher_mean[row[offset]]
-        has = torch.bincount(batch.pair_image, minlength=images) > 0  # (I,)
+        targets = {  # offset -> (Q, D): bilinear at uv, centred when configured
+            offset: teacher_targets(
+                grid,
+                batch.pair_image,
+                batch.pair_uv,
+                batch.image_size,
+                None if self.teacher_mean is None else self.teacher_mean[row[offset]],
+            )
+            for offset, grid in batch.grids.items()
+        }
         per_pair = {}
         for i, (pair, head) in enumerate(zip(self.cfg.loss.distill, self.heads, strict=True)):
             student = head(feats[pair.student][batch.pair_point])  # (Q, D k)
-            target = torch.cat([sampled[k] for k in pair.teacher], dim=1)  # (Q, D k)
-            d = pair_distance(student, target, self.cfg.loss.distance)  # (Q,)
-            per_image = scatter_mean(d, batch.pair_image, dim=0, dim_size=images)  # (I,)
-            per_pair[f"distill/{i}"] = global_mean(per_image[has])
-        return {"distill": torch.stack(list(per_pair.values())).mean(), **per_pair}
+            target = torch.cat([targets[k] for k in pair.teacher], dim=1)  # (Q, D k)
+            per_pair[f"distill/{i}"] = distill_loss(
+                student, target, batch.pair_image, images, self.cfg.loss.distance, global_mean
+            )
+        return {"distill": multilayer_distill_loss(list(per_pair.values())), **per_pair}
 
     def _cls(self, feats: torch.Tensor, batch: Batch, clouds: int) -> torch.Tensor:
-        """Eq. 2 per cloud (or, for ``per_image``, per camera frustum); MSE."""
-        teacher = batch.teacher_cls.float()  # (2B, V, D)
+        """Eq. 2 per cloud (or, for ``per_image``, per camera frustum)."""
         if self.cfg.loss.cls_pooling == "per_image":
-            images = teacher.shape[0] * teacher.shape[1]
             tokens = self.cls_head.head(feats[batch.pair_point])  # (Q, D)
-            pooled = scatter_max(tokens, batch.pair_image, dim=0, dim_size=images)[0]  # (I, D)
-            has = torch.bincount(batch.pair_image, minlength=images) > 0
-            err = (pooled.float() - teacher.reshape(images, -1)).square().mean(dim=1)  # (I,)
-            return global_mean(err[has])
+            return cls_loss_per_image(tokens, batch.pair_image, batch.teacher_cls, global_mean)
         student = self.cls_head(feats, batch.cloud, clouds)  # (2B, D)
-        err = (student.float() - teacher.amax(dim=1)).square().mean(dim=1)  # (2B,)
-        return global_mean(err)
+        return cls_loss(student, batch.teacher_cls, global_mean)
 
     def _aux(self, out, voxels, batch: Batch) -> dict:
         m, b = self.cfg.model, batch.batch_size
@@ -137,5 +141,8 @@ class HildaModel(nn.Module):
         draws = draw_per_sample(
             batch.seeds.tolist(), tuple(batch.target.shape[1:]), m.diffusion, bev.device
         )
-        res = self.aux(prev, now, batch.target, draws=draws)
-        return {"aux": global_mean(res.per_sample), "aux/noise": res.noise, "aux/x0": res.x0}
+        pred = self.aux(prev, now, batch.target, draws=draws)
+        res = diffusion_loss(
+            pred.eps, pred.noise, pred.x0_hat, pred.x0, m.diffusion.x0_weight, global_mean
+        )
+        return {"aux": res.total, "aux/noise": res.noise, "aux/x0": res.x0}

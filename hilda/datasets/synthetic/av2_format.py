@@ -28,6 +28,7 @@ from hilda.datasets.synthetic.generate import (
     scene_world,
     simulate_scene,
     token,
+    write_class_map,
 )
 from hilda.geometry import apply, matrix_to_quat
 
@@ -133,6 +134,7 @@ def write_av2(
                 poses[t_us * 1000] = pose
                 path = log_dir / "sensors" / "cameras" / cam.name / f"{t_us * 1000}.jpg"
                 Image.fromarray(img.rgb).save(path, quality=cfg.jpeg_quality)
+                write_class_map(path, img.label)
                 counts["images"] += 1
             if rec.keyframe is not None:
                 counts["keyframes"] += 1

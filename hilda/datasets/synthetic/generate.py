@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from hilda.datasets.io import class_map_path
 from hilda.datasets.synthetic.render import (
     AV2_RIG,
     NUSCENES_RIG,
@@ -127,3 +128,13 @@ def make_synthetic(
     from hilda.datasets.synthetic.av2_format import write_av2
 
     return write_av2(cfg, progress)
+
+
+def write_class_map(image_path: Path, label: np.ndarray) -> None:
+    """The camera's (H, W) per-pixel general-category labels as an 8-bit PNG beside its image
+    (``hilda.datasets.io.class_map_path``): what the oracle teacher reads."""
+    from PIL import Image
+
+    Image.fromarray(label.astype(np.uint8)).save(  # 2-D uint8: mode "L"
+        class_map_path(image_path), optimize=False, compress_level=1
+    )

@@ -26,6 +26,7 @@ from hilda.datasets.synthetic.generate import (
     scene_world,
     simulate_scene,
     token,
+    write_class_map,
 )
 from hilda.datasets.synthetic.world import ROAD_HALF_WIDTH, World
 from hilda.errors import ConfigError
@@ -220,6 +221,7 @@ def write_nuscenes(
                     counts["points"] += len(pts)
                 else:
                     Image.fromarray(img.rgb).save(root / filename, quality=cfg.jpeg_quality)
+                    write_class_map(root / filename, img.label)
                     counts["images"] += 1
             counts["samples"] += 1
             if progress:

@@ -1,6 +1,7 @@
 """Stage 3, ``hilda-prep extract-teacher``: DINOv2 multi-layer patch grids and CLS tokens of
 every camera image, stored on the patch grid (the trainer samples it bilinearly at each
-pair's uv, which equals upsample-then-index)."""
+pair's uv, which equals upsample-then-index). ``--teacher oracle`` writes the synthetic
+world's known-semantics features (``hilda.models.oracle``) in the same layout instead."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 import zarr
 
 from hilda.data_schemas.store import normalize_store, teacher_group
-from hilda.datasets.io import DatasetError, read_image
+from hilda.datasets.io import DatasetError, read_class_map, read_image
 from hilda.errors import ConfigError
+from hilda.models.oracle import ORACLE_ID, OracleSpec, OracleTeacher
 from hilda.models.teacher import (
     PATCH,
     MultiLayerTeacher,
@@ -58,31 +60,55 @@ class TeacherConfig:
         return base or "teacher"
 
 
-_CACHE: dict[tuple, tuple[MultiLayerTeacher, TeacherInfo, torch.device]] = {}
+Teacher = MultiLayerTeacher | OracleTeacher
+_CACHE: dict[tuple, tuple[Teacher, TeacherInfo, torch.device]] = {}
 
 
-def _teacher(cfg: TeacherConfig) -> tuple[MultiLayerTeacher, TeacherInfo, torch.device]:
+def teacher_info(source: str) -> TeacherInfo:
+    """What the store records about the teacher ``source`` (a DINOv2 source or ``oracle``)."""
+    if source == ORACLE_ID:
+        spec = OracleSpec()
+        return TeacherInfo(
+            model_id=ORACLE_ID,
+            arch=ORACLE_ID,
+            dim=spec.dim,
+            depth=spec.depth,
+            registers=0,
+            weights_hash=spec.weights_hash(),
+            random_init=False,
+            pos_embed_interpolation="none (no position embeddings)",
+        )
+    return build_teacher(source)[1]
+
+
+def _cuda_device() -> torch.device:
+    index = 0
+    try:  # one GPU per Dask worker: the worker's number picks the device
+        from distributed import get_worker
+
+        index = int(get_worker().name) % torch.cuda.device_count()
+    except (ValueError, ImportError, TypeError):
+        pass
+    return torch.device("cuda", index)
+
+
+def _teacher(cfg: TeacherConfig) -> tuple[Teacher, TeacherInfo, torch.device]:
     """The worker's teacher, built once per process."""
     key = (cfg.teacher, cfg.layers, cfg.norm, cfg.device)
-    if key not in _CACHE:
-        model, info = build_teacher(cfg.teacher)
-        device = torch.device("cpu")
-        if cfg.device == "cuda":
-            index = 0
-            try:  # one GPU per Dask worker: the worker's number picks the device
-                from distributed import get_worker
-
-                index = int(get_worker().name) % torch.cuda.device_count()
-            except (ValueError, ImportError, TypeError):
-                pass
-            device = torch.device("cuda", index)
-            model = model.to(device)
-            enable_xformers(model)
-        _CACHE[key] = (
-            MultiLayerTeacher(model, parse_layers(cfg.layers, info.depth), cfg.norm),
-            info,
-            device,
-        )
+    if key in _CACHE:
+        return _CACHE[key]
+    cpu = torch.device("cpu")
+    if cfg.teacher == ORACLE_ID:
+        info = teacher_info(ORACLE_ID)
+        _CACHE[key] = (OracleTeacher(OracleSpec(), parse_layers(cfg.layers, info.depth)), info, cpu)
+        return _CACHE[key]
+    model, info = build_teacher(cfg.teacher)
+    device = _cuda_device() if cfg.device == "cuda" else cpu
+    if device.type == "cuda":
+        model = model.to(device)
+        enable_xformers(model)
+    blocks = parse_layers(cfg.layers, info.depth)
+    _CACHE[key] = (MultiLayerTeacher(model, blocks, cfg.norm), info, device)
     return _CACHE[key]
 
 
@@ -97,52 +123,87 @@ def load_images(paths: list[str], size: tuple[int, int], frame: str) -> list[np.
     return out
 
 
-def extract_shard(
-    cfg: TeacherConfig, f0: int, f1: int, skip_bad: bool, threads: int
-) -> dict[str, Any]:
-    """Dask task: features of frames [f0, f1); writes exactly one shard of each array."""
-    torch.set_num_threads(threads)
-    teacher, info, device = _teacher(cfg)
-    root = zarr.open_group(cfg.store, mode="r")
-    tokens = np.asarray(root["index/token"][f0:f1])
-    paths = np.asarray(root["index/image_path"][f0:f1])  # (n, V)
-    width, height = cfg.image_size
-    n, v = paths.shape
-    k, h, w, dim = len(teacher.blocks), height // PATCH, width // PATCH, info.dim
-    skipped: dict[int, str] = {}
-    images: list[np.ndarray] = []
-    where: list[tuple[int, int]] = []  # (frame in shard, camera) of each decoded image
-    for i in range(n):
-        present = [j for j in range(v) if paths[i, j]]
+def load_class_maps(paths: list[str], size: tuple[int, int], frame: str) -> list[np.ndarray]:
+    """The images' per-pixel classes, resized to ``size`` (W, H) by nearest neighbour."""
+    from PIL import Image
+
+    return [
+        np.asarray(Image.fromarray(read_class_map(p, frame)).resize(size, Image.Resampling.NEAREST))
+        for p in paths
+    ]
+
+
+@dataclass
+class _Decoded:
+    images: list[np.ndarray]
+    class_maps: list[np.ndarray]  # oracle only
+    where: list[tuple[int, int]]  # (frame in shard, camera) of each image
+    skipped: dict[int, str]
+
+
+def _decode(
+    cfg: TeacherConfig, tokens: np.ndarray, paths: np.ndarray, f0: int, skip_bad: bool
+) -> _Decoded:
+    """Every present image of the shard's frames (and its class map for the oracle); a bad
+    frame is an error naming it, or recorded as skipped with ``skip_bad``."""
+    out = _Decoded([], [], [], {})
+    for i in range(len(paths)):
+        present = [j for j in range(paths.shape[1]) if paths[i, j]]
+        files = [str(paths[i, j]) for j in present]
         try:
-            images += load_images([paths[i, j] for j in present], cfg.image_size, str(tokens[i]))
+            images = load_images(files, cfg.image_size, str(tokens[i]))
+            maps = (
+                load_class_maps(files, cfg.image_size, str(tokens[i]))
+                if cfg.teacher == ORACLE_ID
+                else []
+            )
         except DatasetError as exc:
             if not skip_bad:
                 raise FrameError(
                     f"{exc}; rerun with --skip-bad to record the frame as skipped"
                 ) from None
-            skipped[f0 + i] = str(exc)
+            out.skipped[f0 + i] = str(exc)
             continue
-        where += [(i, j) for j in present]
-    feats = np.zeros((n, v, k, h, w, dim), dtype=np.float32)  # skipped frames stay zero
-    cls = np.zeros((n, v, k, dim), dtype=np.float32)
-    for s in range(0, len(images), cfg.batch_size):
-        batch = preprocess(images[s : s + cfg.batch_size]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            patches, tokens_cls = teacher(batch)  # (B, K, h, w, D), (B, K, D)
-        for (i, j), p, c in zip(
-            where[s : s + cfg.batch_size],
-            patches.float().cpu().numpy(),
-            tokens_cls.float().cpu().numpy(),
-            strict=True,
-        ):
-            feats[i, j], cls[i, j] = p, c
+        out.images += images
+        out.class_maps += maps
+        out.where += [(i, j) for j in present]
+    return out
+
+
+def _forward(
+    cfg: TeacherConfig, teacher: Teacher, device: torch.device, decoded: _Decoded
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image: patches (K, h, w, D) and CLS (K, D) as float32."""
+    out = []
+    for s in range(0, len(decoded.images), cfg.batch_size):
+        images = decoded.images[s : s + cfg.batch_size]
+        if isinstance(teacher, OracleTeacher):
+            patches, cls = teacher(images, decoded.class_maps[s : s + cfg.batch_size])
+        else:
+            batch = preprocess(images).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                p, c = teacher(batch)  # (B, K, h, w, D), (B, K, D)
+            patches, cls = p.float().cpu().numpy(), c.float().cpu().numpy()
+        out += list(zip(patches, cls, strict=True))
+    return out
+
+
+def _write_layers(
+    cfg: TeacherConfig,
+    blocks: list[int],
+    feats: np.ndarray,
+    where: list[tuple[int, int]],
+    f0: int,
+    f1: int,
+) -> dict[str, list[float]]:
+    """Encode and write each block's (n, V, h, w, D) grids; returns the codec's fidelity over
+    the present images per block: [sum of token cosines, tokens, minimum]."""
     group = zarr.open_group(cfg.store, mode="r+", path=f"teacher/{cfg.group_name()}")
     stats: dict[str, list[float]] = {}
     rows, cams = (
         (np.array(x, dtype=np.int64) for x in zip(*where, strict=True)) if where else ([], [])
     )
-    for layer, block in enumerate(teacher.blocks):
+    for layer, block in enumerate(blocks):
         x = feats[:, :, layer]  # (n, V, h, w, D)
         values, scale = codecs.encode(x, cfg.codec)
         group[f"layer_{block}"][f0:f1] = values
@@ -156,8 +217,29 @@ def extract_shard(
             )
             cos = codecs.token_cosines(x[rows, cams], decoded)
             stats[f"layer_{block}"] = [float(cos.sum()), float(cos.size), float(cos.min())]
-    group["cls"][f0:f1] = cls
-    return {"skipped": skipped, "stats": stats}
+    return stats
+
+
+def extract_shard(
+    cfg: TeacherConfig, f0: int, f1: int, skip_bad: bool, threads: int
+) -> dict[str, Any]:
+    """Dask task: features of frames [f0, f1); writes exactly one shard of each array."""
+    torch.set_num_threads(threads)
+    teacher, info, device = _teacher(cfg)
+    root = zarr.open_group(cfg.store, mode="r")
+    tokens = np.asarray(root["index/token"][f0:f1])
+    paths = np.asarray(root["index/image_path"][f0:f1])  # (n, V)
+    width, height = cfg.image_size
+    n, v = paths.shape
+    k, h, w, dim = len(teacher.blocks), height // PATCH, width // PATCH, info.dim
+    decoded = _decode(cfg, tokens, paths, f0, skip_bad)
+    feats = np.zeros((n, v, k, h, w, dim), dtype=np.float32)  # skipped frames stay zero
+    cls = np.zeros((n, v, k, dim), dtype=np.float32)
+    for (i, j), (p, c) in zip(decoded.where, _forward(cfg, teacher, device, decoded), strict=True):
+        feats[i, j], cls[i, j] = p, c
+    stats = _write_layers(cfg, teacher.blocks, feats, decoded.where, f0, f1)
+    zarr.open_group(cfg.store, mode="r+", path=f"teacher/{cfg.group_name()}")["cls"][f0:f1] = cls
+    return {"skipped": decoded.skipped, "stats": stats}
 
 
 def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
@@ -169,7 +251,9 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to torch")
     root = open_for_stage(cfg.store, require=("index",))
-    _, info = build_teacher(cfg.teacher)
+    info = teacher_info(cfg.teacher)
+    if info.arch == ORACLE_ID:
+        _require_class_maps(root)
     if info.random_init:
         from hilda.pipeline.runner import console
 
@@ -193,6 +277,7 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
         "patch_size": PATCH,
         "grid": [height // PATCH, width // PATCH],
         "dim": info.dim,
+        "depth": info.depth,
         "registers": info.registers,
         "norm": "final LayerNorm (get_intermediate_layers norm=True)"
         if cfg.norm
@@ -202,7 +287,7 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
         else f"bitround keepbits={codecs.BITROUND_KEEPBITS}",
         "storage_dtype": dtype,
         "resize": "PIL draft + bicubic to image_size, ImageNet mean/std",
-        "pos_embed_interpolation": "transformers Dinov2Embeddings.interpolate_pos_encoding",
+        "pos_embed_interpolation": info.pos_embed_interpolation,
     }
     dims = {
         "F": num_frames,
@@ -258,3 +343,18 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
         "skipped": len(skipped),
         "mean_cos": min((e["mean_cos"] for e in fidelity.values()), default=1.0),
     }
+
+
+def _require_class_maps(root: zarr.Group) -> None:
+    """The oracle needs the synthetic world's class maps: refuse other datasets up front,
+    naming the first image without one."""
+    from hilda.datasets.io import class_map_path
+
+    paths = np.asarray(root["index/image_path"][:1]).ravel()
+    first = next((str(p) for p in paths if p), None)
+    if first is not None and not os.path.isfile(class_map_path(first)):
+        raise ConfigError(
+            f"--teacher oracle works on synthetic worlds only (written by `hilda-prep "
+            f"make-synthetic`, which saves per-pixel class maps beside the images); "
+            f"{class_map_path(first)} does not exist"
+        )
