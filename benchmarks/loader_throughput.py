@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import torch
-import zarr
 
+from hilda.cache import CacheReader
 from hilda.datasets.io import read_sweep
 from hilda.models.teacher import MultiLayerTeacher, build_teacher, parse_layers, preprocess
 from hilda.pipeline.ops.occlusion import visible_mask
@@ -35,19 +35,18 @@ class Online:
     cache would (the same augmentation and alignment as the cached path)."""
 
     def __init__(self, store: str, cfg: TrainConfig, teacher: bool) -> None:
-        root = zarr.open_group(store, mode="r")
-        idx = root["index"]
-        self.index = {k: np.asarray(idx[k][:]) for k in idx.array_keys()}
-        occ = dict(root["occupancy"].attrs)
+        reader = CacheReader(store, ["index", "occupancy"])
+        self.index = reader.index()
+        occ = reader.attrs("occupancy")
         grid = occ["grid"][0] if isinstance(occ["grid"], list) else occ["grid"]
         self.occ = OccupancyConfig(grid=int(grid), cell=float(occ["cell"]))
-        t = dict(root[f"teacher/{next(iter(root['teacher'].group_keys()))}"].attrs)
-        self.image_size = tuple(t["image_size"])
+        t = reader.teacher()
+        self.image_size = tuple(reader.attrs(f"teacher/{t.name}")["image_size"])
         self.cfg = cfg
         self.visible = functools.partial(visible_mask, rule=PointmapConfig(store=store).rule)
         self.teacher = None
         if teacher:
-            model, info = build_teacher(t["model_id"])
+            model, info = build_teacher(t.model_id)
             self.teacher = MultiLayerTeacher(model, parse_layers("last2", info.depth)).eval()
 
     def pairs(self, f: int, points: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -100,7 +99,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)  # per core
-    grid = zarr.open_group(args.store, mode="r")["occupancy"].attrs["grid"]
+    grid = CacheReader(args.store, ["occupancy"]).attrs("occupancy")["grid"]
     grid = grid[0] if isinstance(grid, list) else grid
     # The paper's data settings (every pair, both distilled blocks) on the store's BEV grid.
     cfg = load_config(TrainConfig, None, ["data.num_workers=0", f"model.bev_grid={grid}"])

@@ -31,9 +31,9 @@ hilda-prep build-occupancy --store "$STORE" --grid 256 --workers "$WORKERS" --ov
 echo "[demo] 4/8 what the cache holds"
 hilda-prep validate --store "$STORE"
 hilda-prep info --store "$STORE"
-echo "[demo] 5/8 pre-train the student (configs/tiny_cpu.yaml) -> $OUT/pretrain"
+echo "[demo] 5/8 pre-train the student (the tiny_cpu preset) -> $OUT/pretrain"
 rm -rf "$OUT/pretrain"
-hilda-train run --config configs/tiny_cpu.yaml --store "$STORE" --out "$OUT/pretrain"
+hilda-train run --config tiny_cpu --store "$STORE" --out "$OUT/pretrain"
 BACKBONE="$OUT/pretrain/backbone.pt"
 echo "[demo] 6/8 linear probes on the val split: pre-trained vs randomly initialised backbone"
 cat <<'NOTE'
@@ -45,7 +45,7 @@ cat <<'NOTE'
 NOTE
 for INIT in pretrained random; do
   hilda-eval linear-probe --backbone "$BACKBONE" --init "$INIT" --root "$OUT/nuscenes" \
-    --config configs/eval/tiny_linear_probe.yaml
+    --config eval/tiny_linear_probe
 done
 echo "[demo] 7/8 RankMe of the point features (label-free)"
 for INIT in pretrained random; do

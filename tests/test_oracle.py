@@ -3,6 +3,7 @@ stage on the synthetic world's class maps, and clear errors where class maps are
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -107,3 +108,41 @@ def test_class_map_reader_errors(tmp_path: Path) -> None:
     Path(class_map_path(image)).write_bytes(b"not a png")
     with pytest.raises(HildaError, match="corrupt class map"):
         read_class_map(image, "frame-x")
+
+
+def test_teacher_probe_cli(nusc_cfg: SyntheticConfig, tmp_path: Path) -> None:
+    """``hilda-eval teacher-probe`` on oracle caches of the train and val scenes: the JSON
+    result, and a cache whose frames are not in the split is refused naming the frame."""
+    from typer.testing import CliRunner
+
+    from hilda.cli.eval import app
+
+    stores = {}
+    for split in ("mini_train", "mini_val"):
+        stores[split] = str(tmp_path / f"{split}.zarr")
+        build_cache(
+            nusc_cfg.out,
+            stores[split],
+            split=split,
+            stages=("index", "pointmaps", "teacher"),
+            teacher=ORACLE,
+        )
+    out = tmp_path / "probe.json"
+    common = ["--root", str(nusc_cfg.out), "--dataset", "synthetic"]
+    sets = [
+        "--set",
+        "optim.epochs=20",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "augment.enabled=false",
+    ]
+    args = ["teacher-probe", "--store", stores["mini_train"], "--val-store", stores["mini_val"]]
+    result = CliRunner().invoke(app, [*args, *common, *sets, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    probe = json.loads(out.read_text())
+    assert probe["protocol"] == "teacher-linear-probe" and probe["teacher"] == "oracle"
+    assert probe["val_points"] > 0 and 0.0 <= probe["miou"] <= 1.0
+    swapped = [*args[:2], stores["mini_val"], "--val-store", stores["mini_train"]]
+    result = CliRunner().invoke(app, [*swapped, *common, *sets, "--out", str(out)])
+    assert result.exit_code != 0 and "is not a labelled frame of the split" in result.output

@@ -125,7 +125,7 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # Full depth for ViT-S; two blocks of the real width for B/L/g (their cost is depth, and the
 # position embedding enters before the first block).
-VARIANTS = [(a, r, SIZES[a][1] if a == "vits14" else 2) for a in SIZES for r in (0, 4)]
+VARIANTS = [(a, r, SIZES[a].depth if a == "vits14" else 2) for a in SIZES for r in (0, 4)]
 
 
 @pytest.mark.parametrize(("arch", "registers", "depth"), VARIANTS)
@@ -136,8 +136,8 @@ def test_features_equal_the_official_implementation(arch: str, registers: int, d
     x = torch.randn(2, 3, 224, 448)  # non-square: a 16 x 32 patch grid from the 37 x 37 one
     blocks = [depth - 2, depth - 1]
     got_p, got_c = MultiLayerTeacher(model, blocks)(x)
-    ref_p, ref_c = official_reference(hf_to_official(model), x, blocks, SIZES[arch][2])
-    assert got_p.shape == ref_p.shape == (2, 2, 16, 32, SIZES[arch][0])
+    ref_p, ref_c = official_reference(hf_to_official(model), x, blocks, SIZES[arch].heads)
+    assert got_p.shape == ref_p.shape == (2, 2, 16, 32, SIZES[arch].dim)
     for got, ref in ((got_p, ref_p), (got_c, ref_c)):
         assert _cosines(got, ref).min() > 0.99999
         assert (got - ref).abs().max() < 1e-4

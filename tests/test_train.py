@@ -16,16 +16,13 @@ import torch
 import yaml
 
 from hilda.models.convert import backbone_voxel_config, load_backbone, read_backbone_state
+from hilda.presets import list_presets
 from hilda.train.config import TrainConfig
 from hilda.train.config_io import load_config
 from hilda.train.loop import train
 from tests.train_helpers import CONFIGS, SMALL
 
-PRESETS = sorted(
-    p.relative_to(CONFIGS).as_posix()
-    for p in CONFIGS.rglob("*.yaml")
-    if p.relative_to(CONFIGS).parts[0] != "eval"
-)
+PRESETS = list_presets("train")
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -35,7 +32,7 @@ def metrics(out: Path) -> list[dict]:
 
 def teacher_for(preset: str) -> list[str]:
     """The test cache holds three teachers; presets without a teacher arch pick ``vits``."""
-    cfg = load_config(TrainConfig, CONFIGS / preset)
+    cfg = load_config(TrainConfig, preset)
     return [] if cfg.data.teacher_arch else ["data.teacher=vits"]
 
 
@@ -82,9 +79,7 @@ def test_tiny_preset_loss_falls(train_store: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_two_steps(train_store: str, tmp_path: Path, preset: str) -> None:
-    cfg = load_config(
-        TrainConfig, CONFIGS / preset, [*SMALL, *teacher_for(preset), "optim.max_steps=2"]
-    )
+    cfg = load_config(TrainConfig, preset, [*SMALL, *teacher_for(preset), "optim.max_steps=2"])
     result = train(cfg, train_store, tmp_path / "run")
     rows = metrics(tmp_path / "run")
     assert result.steps == 2 and len(rows) == 2

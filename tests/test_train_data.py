@@ -10,6 +10,7 @@ import pytest
 import torch
 import zarr
 
+from hilda.cache import CacheMismatchError
 from hilda.errors import ConfigError, HildaError
 from hilda.train import augment
 from hilda.train.checkpoint import load_checkpoint, save_checkpoint
@@ -17,7 +18,6 @@ from hilda.train.config import AugmentConfig, TrainConfig
 from hilda.train.config_io import load_config
 from hilda.train.data import (
     CacheDataset,
-    CacheMismatchError,
     ResumableSampler,
     check_cache,
     collate,

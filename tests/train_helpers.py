@@ -11,8 +11,9 @@ from hilda.pipeline.stages.index import IndexConfig, run_index
 from hilda.pipeline.stages.occupancy import OccupancyStageConfig, run_occupancy
 from hilda.pipeline.stages.pointmaps import PointmapConfig, run_pointmaps
 from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
+from hilda.presets import preset_root
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = preset_root()
 IMAGE = (112, 56)
 # Every ablation's teacher blocks (last4 covers Table 8), and a ViT-B / ViT-L for their presets.
 TEACHERS = (

@@ -36,7 +36,8 @@ Backbone = Annotated[
     Path, typer.Option("--backbone", help="backbone checkpoint (hilda-train's backbone.pt)")
 ]
 ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="YAML config, e.g. configs/eval/linear_probe.yaml")
+    str | None,
+    typer.Option("--config", help="a YAML file or a shipped config, e.g. eval/linear_probe"),
 ]
 Overrides = Annotated[
     list[str] | None,
@@ -62,7 +63,7 @@ Out = Annotated[
 
 def _seg_config(
     mode: str,
-    config: Path | None,
+    config: str | None,
     overrides: list[str] | None,
     dataset: str | None,
     root: Path | None,

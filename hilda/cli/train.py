@@ -23,23 +23,16 @@ def main() -> None:
 
 @app.command("presets")
 def presets_cmd() -> None:
-    """List the YAML presets shipped under configs/."""
-    root = Path(__file__).resolve().parents[2] / "configs"
-    files = (
-        sorted(
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*.yaml")
-            if p.relative_to(root).parts[0] != "eval"  # hilda-eval's configs
-        )
-        if root.is_dir()
-        else []
-    )
-    typer.echo("\n".join(files) if files else f"no presets under {root} yet")
+    """List the shipped pre-training presets (names for --config)."""
+    from hilda.presets import list_presets
+
+    typer.echo("\n".join(list_presets("train")))
 
 
 Store = Annotated[str, typer.Option("--store", help="hilda-prep cache (folder or fsspec URL)")]
 ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="YAML preset, e.g. configs/paper_vits.yaml")
+    str | None,
+    typer.Option("--config", help="a preset's name (hilda-train presets) or a YAML file"),
 ]
 Overrides = Annotated[
     list[str] | None,
@@ -79,7 +72,7 @@ def check_cmd(store: Store, config: ConfigFile = None, overrides: Overrides = No
 
     cfg = load_config(TrainConfig, config, overrides or [])
     info = check_cache(store, cfg)
-    samples = sample_index(store, info, cfg.loss.aux in ("diffusion", "simple"))
+    samples = sample_index(store, info, cfg.needs_occupancy)
     typer.echo(
         f"ok: {len(samples.frames)} samples; excluded {samples.excluded}; teacher "
         f"{info.teacher} blocks {info.blocks}"

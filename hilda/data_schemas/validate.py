@@ -125,11 +125,21 @@ def validate_store(
         root = zarr.open_group(path, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreValidationError(str(path), [f"no Zarr group at {path} ({exc})"]) from None
-    problems: list[str] = []
-    attrs = dict(root.attrs)
-    for key in ROOT_ATTRS:
-        if key not in attrs:
-            problems.append(f"root lacks the attribute {key!r}")
+    problems = _root_problems(dict(root.attrs), dataset)
+    require = set(require)
+    dims = _index_dims(root)
+    if dims:
+        _check_group(root, INDEX, dims, problems)
+        _check_stage_groups(root, dims, require, teacher, problems)
+    elif "index" in require:
+        problems.append("group index/ is missing: run `hilda-prep index` first")
+    if problems:
+        raise StoreValidationError(str(path), problems)
+    return root
+
+
+def _root_problems(attrs: dict, dataset: str | None) -> list[str]:
+    problems = [f"root lacks the attribute {key!r}" for key in ROOT_ATTRS if key not in attrs]
     if attrs.get("schema", SCHEMA) != SCHEMA:
         problems.append(f"schema is {attrs.get('schema')!r}, expected {SCHEMA!r}")
     if "schema_version" in attrs and attrs["schema_version"] != SCHEMA_VERSION:
@@ -139,44 +149,48 @@ def validate_store(
         )
     if dataset is not None and attrs.get("dataset") not in (None, dataset):
         problems.append(f"store was built from dataset {attrs.get('dataset')!r}, not {dataset!r}")
+    return problems
 
-    dims: dict[str, int] = {}
-    if "index" in root:
-        index_attrs = dict(root["index"].attrs)
-        cameras = index_attrs.get("cameras")
-        dims["F"] = int(index_attrs.get("num_frames", -1))
-        dims["V"] = len(cameras) if isinstance(cameras, list) else -1
-        dims["frames_per_shard"] = int(index_attrs.get("frames_per_shard", 1))
-        if dims["F"] < 0:
-            try:
-                dims["F"] = int(root["index/timestamp"].shape[0])
-            except KeyError:
-                dims["F"] = 0
-        _check_group(root, INDEX, dims, problems)
-    elif "index" in require:
-        problems.append("group index/ is missing: run `hilda-prep index` first")
 
-    require = set(require)
-    if dims:
-        for spec in STAGE_GROUPS[1:]:
-            if spec.name in root:
-                _check_group(root, spec, dims, problems)
-            elif spec.name in require:
-                problems.append(f"group {spec.name}/ is missing: run its `hilda-prep` stage first")
-        teachers = root["teacher"] if "teacher" in root else None
-        names = list(teachers.group_keys()) if teachers is not None else []
-        for name in names:
-            blocks = dict(teachers[name].attrs).get("blocks")
-            if not isinstance(blocks, list):
-                problems.append(f"teacher/{name}/ lacks the attribute 'blocks'")
-                continue
-            dtype = dict(teachers[name].attrs).get("storage_dtype", "float16")
-            _check_group(root, teacher_group(name, blocks, dtype), dims, problems)
-        if teacher is not None and teacher not in names:
-            problems.append(
-                f"teacher/{teacher}/ is missing (present: {names or 'none'}): "
-                "run `hilda-prep extract-teacher` first"
-            )
-    if problems:
-        raise StoreValidationError(str(path), problems)
-    return root
+def _index_dims(root: zarr.Group) -> dict[str, int]:
+    """F, V and frames_per_shard from index/'s attrs (empty without index/)."""
+    if "index" not in root:
+        return {}
+    index_attrs = dict(root["index"].attrs)
+    cameras = index_attrs.get("cameras")
+    dims = {
+        "F": int(index_attrs.get("num_frames", -1)),
+        "V": len(cameras) if isinstance(cameras, list) else -1,
+        "frames_per_shard": int(index_attrs.get("frames_per_shard", 1)),
+    }
+    if dims["F"] < 0:
+        try:
+            dims["F"] = int(root["index/timestamp"].shape[0])
+        except KeyError:
+            dims["F"] = 0
+    return dims
+
+
+def _check_stage_groups(
+    root: zarr.Group, dims: dict[str, int], require: set[str], teacher: str | None, problems
+) -> None:
+    """Every stage group present (and each required one exists), every teacher group."""
+    for spec in STAGE_GROUPS[1:]:
+        if spec.name in root:
+            _check_group(root, spec, dims, problems)
+        elif spec.name in require:
+            problems.append(f"group {spec.name}/ is missing: run its `hilda-prep` stage first")
+    teachers = root["teacher"] if "teacher" in root else None
+    names = list(teachers.group_keys()) if teachers is not None else []
+    for name in names:
+        blocks = dict(teachers[name].attrs).get("blocks")
+        if not isinstance(blocks, list):
+            problems.append(f"teacher/{name}/ lacks the attribute 'blocks'")
+            continue
+        dtype = dict(teachers[name].attrs).get("storage_dtype", "float16")
+        _check_group(root, teacher_group(name, blocks, dtype), dims, problems)
+    if teacher is not None and teacher not in names:
+        problems.append(
+            f"teacher/{teacher}/ is missing (present: {names or 'none'}): "
+            "run `hilda-prep extract-teacher` first"
+        )

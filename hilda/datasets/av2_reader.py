@@ -83,32 +83,8 @@ class AV2Reader:
                 raise DatasetError(f"no ego pose at LiDAR time {ts} in {poses_file} (frame {tok})")
             lidar_path = self.loader.get_lidar_fpath(log_id, ts)
             require_file(lidar_path, "LiDAR sweep", tok)
-            cameras = []
-            for cam in RING_CAMERAS:
-                img = self.loader.get_closest_img_fpath(log_id, cam, ts)
-                if img is None:
-                    raise DatasetError(
-                        f"missing {cam} image: none within 25 ms of LiDAR time {ts} (frame {tok})"
-                    )
-                require_file(img, f"{cam} image", tok)
-                cam_ts = int(img.stem)
-                if cam_ts not in poses:
-                    raise DatasetError(
-                        f"no ego pose at {cam} time {cam_ts} in {poses_file} (frame {tok})"
-                    )
-                ph = pinholes[cam]
-                cameras.append(
-                    dict(
-                        name=cam,
-                        image_file=os.fspath(img),
-                        width=int(ph.width_px),
-                        height=int(ph.height_px),
-                        intrinsics=np.asarray(ph.intrinsics.K, dtype=np.float64),
-                        cam_to_ego=np.asarray(ph.ego_SE3_cam.transform_matrix, dtype=np.float64),
-                        ego_to_global=np.asarray(poses[cam_ts].transform_matrix, dtype=np.float64),
-                        timestamp=cam_ts // 1000,
-                    )
-                )
+            cameras = [self._camera(log_id, cam, ts, tok, poses, pinholes[cam], poses_file)
+                       for cam in RING_CAMERAS]  # fmt: skip
             try:
                 frames.append(
                     Frame(
@@ -118,7 +94,7 @@ class AV2Reader:
                         lidar_file=os.fspath(lidar_path),
                         lidar_to_ego=np.eye(4),
                         ego_to_global=np.asarray(poses[ts].transform_matrix, dtype=np.float64),
-                        cameras=tuple(Camera(**c) for c in cameras),
+                        cameras=tuple(cameras),
                         prev=start + i - 1 if i > 0 else None,
                         next=start + i + 1 if i + 1 < len(keys) else None,
                         extra={"log_id": log_id, "timestamp_ns": str(ts)},
@@ -127,3 +103,29 @@ class AV2Reader:
             except RecordError as exc:
                 raise DatasetError(f"bad calibration in frame {tok}: {exc}") from None
         return frames
+
+    def _camera(self, log_id, cam: str, ts: int, tok: str, poses, pinhole, poses_file) -> Camera:
+        """Camera ``cam`` of the keyframe at LiDAR time ``ts``: the image nearest in time and
+        the ego pose at that image's own timestamp."""
+        img = self.loader.get_closest_img_fpath(log_id, cam, ts)
+        if img is None:
+            raise DatasetError(
+                f"missing {cam} image: none within 25 ms of LiDAR time {ts} (frame {tok})"
+            )
+        require_file(img, f"{cam} image", tok)
+        cam_ts = int(img.stem)
+        if cam_ts not in poses:
+            raise DatasetError(f"no ego pose at {cam} time {cam_ts} in {poses_file} (frame {tok})")
+        try:
+            return Camera(
+                name=cam,
+                image_file=os.fspath(img),
+                width=int(pinhole.width_px),
+                height=int(pinhole.height_px),
+                intrinsics=np.asarray(pinhole.intrinsics.K, dtype=np.float64),
+                cam_to_ego=np.asarray(pinhole.ego_SE3_cam.transform_matrix, dtype=np.float64),
+                ego_to_global=np.asarray(poses[cam_ts].transform_matrix, dtype=np.float64),
+                timestamp=cam_ts // 1000,
+            )
+        except RecordError as exc:
+            raise DatasetError(f"bad calibration in frame {tok}: {exc}") from None

@@ -67,7 +67,6 @@ COARSE_CLASSES: tuple[str, ...] = (
     "manmade",
     "vegetation",
 )
-IGNORE_INDEX = 0
 
 
 def coarse_lut_from_mapper(fine_to_coarse_index: dict[int, int]) -> np.ndarray:

@@ -6,26 +6,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import zarr
 
+from hilda.cache import CacheReader, evenly_spaced
 from hilda.errors import HildaError
-from hilda.train.config import DataConfig, DistillPair, LossConfig, TrainConfig
-from hilda.train.data import check_cache, evenly_spaced, open_cache, read_teacher_block
 
 
 def read_points(store: str, frames: int | None = None) -> tuple[list[int], list[np.ndarray]]:
     """(frame indices, [(N, 4) float32 points]) of ``frames`` frames evenly spread over the
     cache (all when None)."""
-    store, root = open_cache(store, ["index", "points"])
-    offsets = np.asarray(root["points/offsets"][:])
-    total = len(offsets) - 1
-    present = [f for f in range(total) if offsets[f + 1] > offsets[f]]  # skipped frames: empty
+    reader = CacheReader(store, ["index", "points"])
+    present = [f for f in range(reader.frames) if reader.point_count(f) > 0]  # skipped: empty
     if not present:
-        raise HildaError(f"{store}: the cache holds no frame with points")
+        raise HildaError(f"{reader.store}: the cache holds no frame with points")
     if frames is not None and frames < len(present):
         present = [present[i] for i in evenly_spaced(len(present), frames / len(present))]
-    data = root["points/data"]
-    clouds = [np.asarray(data[offsets[f] : offsets[f + 1]], dtype=np.float32) for f in present]
+    clouds = reader.gather(*(reader.points_reads(f) for f in present))
     return present, clouds
 
 
@@ -53,40 +48,35 @@ def read_camera_view(
 ) -> CameraView:
     """Frame ``frame`` through ``camera`` (default: the store's first camera) with the last
     block of ``teacher`` (default: the store's only teacher)."""
-    cfg = TrainConfig(
-        data=DataConfig(teacher=teacher),
-        loss=LossConfig(distill=(DistillPair((0,), 0),), cls=False, aux="none"),
+    reader = CacheReader(store, ["index", "points", "pointmaps"])
+    t = reader.teacher(teacher)
+    v = 0 if camera is None else _camera_index(reader.cameras, camera, reader.store)
+    if not 0 <= frame < reader.frames:
+        raise HildaError(f"{reader.store}: no frame {frame} (the cache holds {reader.frames})")
+    token = reader.token(frame)
+    block = t.depth - 1
+    if block not in t.blocks:
+        raise HildaError(f"{reader.store}: teacher/{t.name}/ does not hold its last block")
+    points, pairs, patches = reader.gather(
+        reader.points_reads(frame),
+        reader.pairs_reads(frame),
+        reader.teacher_block_reads(t, block, (frame, v)),  # (h, w, D)
     )
-    info = check_cache(store, cfg)
-    root = zarr.open_group(info.store, mode="r")
-    cameras = list(root["index"].attrs["cameras"])
-    v = 0 if camera is None else _camera_index(cameras, camera, info.store)
-    offsets = np.asarray(root["points/offsets"][:])
-    if not 0 <= frame < len(offsets) - 1:
-        raise HildaError(f"{info.store}: no frame {frame} (the cache holds {len(offsets) - 1})")
-    points = np.asarray(root["points/data"][offsets[frame] : offsets[frame + 1]], np.float32)
-    token = str(root["index/token"][frame])
     if len(points) == 0:
-        raise HildaError(f"{info.store}: frame {frame} ({token}) was skipped and has no points")
-    a, b = (int(x) for x in root["pointmaps/offsets"][frame : frame + 2])
-    cam = np.asarray(root["pointmaps/cam"][a:b], np.int64)
-    mine = cam == v
-    visible = np.asarray(root["pointmaps/point"][a:b], np.int64)[mine]
-    uv = np.asarray(root["pointmaps/uv"][a:b], np.float32)[mine]
-    block = info.blocks[0]
-    patches = read_teacher_block(root.__getitem__, info, block, (frame, v))  # (h, w, D)
-    w, h = (int(x) for x in root["index/image_size"][frame, v])
+        raise HildaError(f"{reader.store}: frame {frame} ({token}) was skipped and has no points")
+    mine = pairs.cam == v
+    w, h = (int(x) for x in reader.small("index/image_size")[frame, v])
     return CameraView(
-        store=info.store,
+        store=reader.store,
         frame=frame,
         token=token,
-        camera=cameras[v],
+        camera=reader.cameras[v],
         points=points,
-        visible=visible,
-        uv=uv,
-        image_path=str(root["index/image_path"][frame, v]),
+        visible=pairs.point[mine],
+        uv=pairs.uv[mine],
+        image_path=reader.image_path(frame, v),
         image_size=(w, h),
-        teacher=str(info.teacher),
+        teacher=t.name,
         block=block,
         patches=patches.astype(np.float32),
     )

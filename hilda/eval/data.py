@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hilda.cache import evenly_spaced
 from hilda.datasets import open_dataset
 from hilda.datasets.classes import COARSE_CLASSES
 from hilda.datasets.io import DatasetError, read_lidarseg_labels, read_sweep
@@ -21,7 +22,7 @@ from hilda.errors import HildaError
 from hilda.eval.config import SegDataConfig
 from hilda.train import augment
 from hilda.train.config import AugmentConfig
-from hilda.train.data import evenly_spaced, sample_seed
+from hilda.train.data import sample_seed
 
 CLASSES: tuple[str, ...] = COARSE_CLASSES[1:]  # the 16 evaluation classes, index 0..15
 IGNORE = -1

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hilda.atomic import write_json
 from hilda.datasets.io import read_image
 from hilda.errors import HildaError
 from hilda.eval.cache import CameraView, read_camera_view
@@ -222,5 +223,5 @@ def write_figures(
         "metrics": str(metrics) if metrics else None,
         "figures": [p.name for p in paths],
     }
-    (out / "figures.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "figures.json", meta)
     return {p.name: p for p in paths}

@@ -8,7 +8,6 @@ checkpoint (or at ``out``) holding the metrics, the loss curve and the resolved 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from hilda.errors import ConfigError
+from hilda.atomic import write_json
 from hilda.eval.config import SegConfig
 from hilda.eval.data import CLASSES, IGNORE, SegBatch, SegDataset, Split, collate_seg, open_split
 from hilda.eval.metrics import confusion, iou_per_class, mean_iou
@@ -30,6 +29,7 @@ from hilda.train.config_io import to_dict
 from hilda.train.data import ResumableSampler
 from hilda.train.distributed import World
 from hilda.train.loop import pick_device
+from hilda.train.optim import build_optimizer, build_scheduler, steps_per_epoch, total_steps
 
 
 def result_path(backbone: str | Path, mode: str, fraction: float, init: Init) -> Path:
@@ -71,11 +71,10 @@ def optimizer_for(groups: list[dict], cfg: SegConfig, total: int):
     """AdamW over parameter ``groups`` (each with its peak ``lr``) and a OneCycle schedule of
     ``total`` steps."""
     o = cfg.optim
-    optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+    optimizer = build_optimizer(groups, o.weight_decay)
+    scheduler = build_scheduler(
         optimizer,
-        max_lr=[g["lr"] for g in groups],
-        total_steps=total,
+        total,
         pct_start=o.pct_start,
         div_factor=o.div_factor,
         final_div_factor=o.final_div_factor,
@@ -181,41 +180,21 @@ def evaluate(model: Segmenter, split: Split, cfg: SegConfig, device: torch.devic
     return conf
 
 
-def run_segmentation(
+def _train(
+    model: Segmenter,
+    split: Split,
     cfg: SegConfig,
-    backbone: str | Path,
-    init: Init = "pretrained",
-    *,
-    out: str | Path | None = None,
-    console: Console | None = None,
-) -> dict:
-    """Train and score one linear probe / fine-tune run; returns (and writes) the result."""
-    console = console or Console()
-    tick = time.perf_counter()
-    device = pick_device(cfg.device, World())
-    version, train_name, val_name = cfg.data.resolved()
-    train_split = open_split(cfg.data, train_name, fraction=cfg.data.fraction)
-    val_split = open_split(cfg.data, val_name, max_frames=cfg.data.max_val_frames)
-    torch.manual_seed(cfg.seed)
-    net = build_backbone(str(backbone), init, seed=cfg.seed)
-    model = Segmenter(net, len(CLASSES), frozen=cfg.mode == "linear").to(device)
-    n, size = len(train_split.frames), min(cfg.optim.batch_size, len(train_split.frames))
-    total = cfg.optim.epochs * math.ceil(n / size)
-    if cfg.optim.max_steps is not None:
-        total = min(total, cfg.optim.max_steps)
-    if total < 1:
-        raise ConfigError("the run has no steps: raise optim.epochs or optim.max_steps")
+    device: torch.device,
+    total: int,
+    console: Console,
+) -> list[tuple[int, float]]:
+    """``total`` steps of the head (linear probe) or of everything (fine-tune); the loss
+    curve."""
     optimizer, scheduler = _optimizer(model, cfg, total)
-    what = "linear probe" if cfg.mode == "linear" else f"fine-tune ({cfg.data.fraction:.0%})"
-    console.print(
-        f"[bold]hilda-eval[/] {what}, {init} backbone {backbone}: {n} of {train_split.total} "
-        f"{train_name} frames, {len(val_split.frames)} {val_name} frames, {total} steps on {device}"
-    )
-
     batches = (
-        _cached_batches(model, train_split, cfg, device, console)
+        _cached_batches(model, split, cfg, device, console)
         if cfg.cache_features
-        else _online_batches(train_split, cfg, device)
+        else _online_batches(split, cfg, device)
     )
 
     def loss_of(batch: tuple) -> torch.Tensor:
@@ -228,37 +207,80 @@ def run_segmentation(
 
     curve = fit(loss_of, batches, optimizer, scheduler, total, cfg, console)
     batches.close()  # stops a DataLoader mid-epoch (its workers) now, not at garbage collection
-    train_seconds = time.perf_counter() - tick
+    return curve
 
-    conf = evaluate(model, val_split, cfg, device)
-    iou = iou_per_class(conf)
-    result = {
-        "protocol": "linear-probe" if cfg.mode == "linear" else "finetune",
-        "init": init,
-        "backbone": str(backbone),
+
+def split_record(cfg: SegConfig, train: Split, val: Split) -> dict:
+    """Where a result's frames came from, for its JSON."""
+    version, train_name, val_name = cfg.data.resolved()
+    return {
         "dataset": cfg.data.dataset,
         "root": cfg.data.root,
         "version": version,
         "train_split": train_name,
         "val_split": val_name,
         "fraction": cfg.data.fraction,
-        "train_frames": n,
-        "train_frames_total": train_split.total,
-        "val_frames": len(val_split.frames),
-        "steps": total,
-        "device": str(device),
+        "train_frames": len(train.frames),
+        "train_frames_total": train.total,
+        "val_frames": len(val.frames),
+    }
+
+
+def scores(conf: np.ndarray) -> dict:
+    """mIoU, per-class IoU (None where a class never occurs) and the confusion matrix."""
+    iou = iou_per_class(conf)
+    return {
         "miou": mean_iou(conf),
         "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(CLASSES, iou, strict=True)},
         "confusion": conf.tolist(),
+    }
+
+
+def run_segmentation(
+    cfg: SegConfig,
+    backbone: str | Path,
+    init: Init = "pretrained",
+    *,
+    out: str | Path | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Train and score one linear probe / fine-tune run; returns (and writes) the result."""
+    console = console or Console()
+    tick = time.perf_counter()
+    device = pick_device(cfg.device, World())
+    _, train_name, val_name = cfg.data.resolved()
+    train_split = open_split(cfg.data, train_name, fraction=cfg.data.fraction)
+    val_split = open_split(cfg.data, val_name, max_frames=cfg.data.max_val_frames)
+    torch.manual_seed(cfg.seed)
+    net = build_backbone(str(backbone), init, seed=cfg.seed)
+    model = Segmenter(net, len(CLASSES), frozen=cfg.mode == "linear").to(device)
+    n = len(train_split.frames)
+    total = total_steps(
+        cfg.optim.epochs, steps_per_epoch(n, cfg.optim.batch_size), cfg.optim.max_steps
+    )
+    what = "linear probe" if cfg.mode == "linear" else f"fine-tune ({cfg.data.fraction:.0%})"
+    console.print(
+        f"[bold]hilda-eval[/] {what}, {init} backbone {backbone}: {n} of {train_split.total} "
+        f"{train_name} frames, {len(val_split.frames)} {val_name} frames, {total} steps on {device}"
+    )
+    curve = _train(model, train_split, cfg, device, total, console)
+    train_seconds = time.perf_counter() - tick
+
+    conf = evaluate(model, val_split, cfg, device)
+    result = {
+        "protocol": "linear-probe" if cfg.mode == "linear" else "finetune",
+        "init": init,
+        "backbone": str(backbone),
+        **split_record(cfg, train_split, val_split),
+        "steps": total,
+        "device": str(device),
+        **scores(conf),
         "loss_curve": curve,
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - tick,
         "config": to_dict(cfg),
     }
     path = result_path(backbone, cfg.mode, cfg.data.fraction, init) if out is None else Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(path, result)
     result["path"] = str(path)
     return result

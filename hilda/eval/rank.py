@@ -4,13 +4,13 @@ and before any labels."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hilda.atomic import write_json
 from hilda.eval.cache import read_points
 from hilda.eval.metrics import rankme
 from hilda.eval.segment import Init, build_backbone, frame_features
@@ -62,6 +62,6 @@ def backbone_rankme(
         suffix = ".random-init" if init == "random" else ""
         out = b.with_name(f"{b.stem}.rankme{suffix}.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     result["path"] = str(out)
     return result

@@ -11,26 +11,24 @@ probe is.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 from rich.console import Console
 
+from hilda.atomic import write_json
+from hilda.cache import CacheReader
 from hilda.errors import HildaError
 from hilda.eval.config import SegConfig
 from hilda.eval.data import CLASSES, IGNORE, Split, open_split, read_labelled
-from hilda.eval.metrics import confusion, iou_per_class, mean_iou
-from hilda.eval.probe import feature_batches, fit, optimizer_for, seg_loss
+from hilda.eval.metrics import confusion
+from hilda.eval.probe import feature_batches, fit, optimizer_for, scores, seg_loss
 from hilda.eval.segment import SegmentationHead
-from hilda.train.config import DataConfig, DistillPair, LossConfig, TrainConfig
 from hilda.train.config_io import to_dict
-from hilda.train.data import check_cache, read_teacher_block
 from hilda.train.losses import sample_grid
+from hilda.train.optim import steps_per_epoch, total_steps
 
 
 def labelled_teacher_points(
@@ -38,43 +36,52 @@ def labelled_teacher_points(
 ) -> tuple[str, list[torch.Tensor], list[torch.Tensor]]:
     """(teacher group, [(n_i, D) float16 features], [(n_i,) int64 labels]) of every frame of
     the cache that has camera-visible points; its frames must be in ``split``."""
-    cfg = TrainConfig(
-        data=DataConfig(teacher=teacher),
-        loss=LossConfig(distill=(DistillPair((0,), 0),), cls=False, aux="none"),
-    )
-    info = check_cache(store, cfg)
-    root = zarr.open_group(info.store, mode="r")
+    reader = CacheReader(store, ["index", "points", "pointmaps"])
+    t = reader.teacher(teacher)
+    block = t.depth - 1
+    if block not in t.blocks:
+        raise HildaError(f"{reader.store}: teacher/{t.name}/ does not hold its last block")
     by_token = {f.token: f for f in split.frames}
-    tokens = np.asarray(root["index/token"][:])
-    pm_offsets = np.asarray(root["pointmaps/offsets"][:])
-    pt_offsets = np.asarray(root["points/offsets"][:])
+    pair_offsets, sizes = reader.small("pointmaps/offsets"), reader.small("index/image_size")
     feats, labels = [], []
-    for f, token in enumerate(tokens):
-        a, b = int(pm_offsets[f]), int(pm_offsets[f + 1])
-        if a == b:
+    for f, token in enumerate(reader.tokens()):
+        if pair_offsets[f + 1] == pair_offsets[f]:
             continue  # skipped frame, or no point in any camera
         frame = by_token.get(str(token))
         if frame is None:
             raise HildaError(
-                f"{info.store}: frame {f} ({token}) is not a labelled frame of the split"
+                f"{reader.store}: frame {f} ({token}) is not a labelled frame of the split"
             )
         _, frame_labels = read_labelled(frame, split.lut)
-        if len(frame_labels) != pt_offsets[f + 1] - pt_offsets[f]:
+        if len(frame_labels) != reader.point_count(f):
             raise HildaError(
-                f"{info.store}: frame {f} ({token}) holds another sweep than its labels"
+                f"{reader.store}: frame {f} ({token}) holds another sweep than its labels"
             )
-        point = np.asarray(root["pointmaps/point"][a:b], np.int64)
-        first = np.unique(point, return_index=True)[1]  # each point's first pair
-        cam = torch.from_numpy(np.asarray(root["pointmaps/cam"][a:b], np.int64)[first])
-        uv = torch.from_numpy(np.asarray(root["pointmaps/uv"][a:b], np.float32)[first])
-        grid = read_teacher_block(root.__getitem__, info, info.blocks[0], f)  # (V, h, w, D)
-        size = torch.from_numpy(np.asarray(root["index/image_size"][f], np.float32))  # (V, 2)
+        pairs, grid = reader.gather(
+            reader.pairs_reads(f), reader.teacher_block_reads(t, block, f)
+        )  # grid (V, h, w, D)
+        first = np.unique(pairs.point, return_index=True)[1]  # each point's first pair
+        cam, uv = torch.from_numpy(pairs.cam[first]), torch.from_numpy(pairs.uv[first])
+        size = torch.from_numpy(sizes[f].astype(np.float32))  # (V, 2)
         grid = torch.from_numpy(np.asarray(grid, np.float32))
         feats.append(sample_grid(grid, cam, uv, size).to(torch.float16))  # (n, D)
-        labels.append(torch.from_numpy(frame_labels[point[first]]))
+        labels.append(torch.from_numpy(frame_labels[pairs.point[first]]))
     if not feats:
-        raise HildaError(f"{info.store}: no frame has camera-visible points")
-    return str(info.teacher), feats, labels
+        raise HildaError(f"{reader.store}: no frame has camera-visible points")
+    return t.name, feats, labels
+
+
+def _confusion(
+    head: SegmentationHead, feats: list[torch.Tensor], labels: list[torch.Tensor]
+) -> np.ndarray:
+    """(16, 16) confusion matrix of the head's predictions over every frame's points."""
+    head.eval()
+    conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    with torch.no_grad():
+        for x, y in zip(feats, labels, strict=True):
+            pred = head(x.float()).argmax(dim=1).numpy()  # (n,)
+            conf += confusion(pred, y.numpy(), len(CLASSES), IGNORE)
+    return conf
 
 
 def run_teacher_probe(
@@ -97,8 +104,8 @@ def run_teacher_probe(
     _, val_x, val_y = labelled_teacher_points(val_store, open_split(cfg.data, val_name), name)
     torch.manual_seed(cfg.seed)
     head = SegmentationHead(train_x[0].shape[1], len(CLASSES))
-    total = cfg.optim.epochs * math.ceil(len(train_x) / min(cfg.optim.batch_size, len(train_x)))
-    total = min(total, cfg.optim.max_steps or total)
+    per_epoch = steps_per_epoch(len(train_x), cfg.optim.batch_size)
+    total = total_steps(cfg.optim.epochs, per_epoch, cfg.optim.max_steps)
     groups = [{"params": list(head.parameters()), "lr": cfg.optim.lr * cfg.optim.head_lr_mult}]
     optimizer, scheduler = optimizer_for(groups, cfg, total)
     console.print(
@@ -113,12 +120,6 @@ def run_teacher_probe(
     device = torch.device("cpu")
     batches = feature_batches(train_x, train_y, cfg, device)
     curve = fit(loss_of, batches, optimizer, scheduler, total, cfg, console)
-    head.eval()
-    conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
-    with torch.no_grad():
-        for x, y in zip(val_x, val_y, strict=True):
-            pred = head(x.float()).argmax(dim=1).numpy()
-            conf += confusion(pred, y.numpy(), len(CLASSES), IGNORE)
     result = {
         "protocol": "teacher-linear-probe",
         "teacher": name,
@@ -128,20 +129,12 @@ def run_teacher_probe(
         "train_points": int(sum(len(y) for y in train_y)),
         "val_points": int(sum(len(y) for y in val_y)),
         "steps": total,
-        "miou": mean_iou(conf),
-        "iou": {
-            c: (None if np.isnan(v) else float(v))
-            for c, v in zip(CLASSES, iou_per_class(conf), strict=True)
-        },
-        "confusion": conf.tolist(),
+        **scores(_confusion(head, val_x, val_y)),
         "loss_curve": curve,
         "seconds": time.perf_counter() - tick,
         "config": to_dict(cfg),
     }
     path = Path(out) if out else Path(f"{train_store.rstrip('/')}.teacher-{name}.linear-probe.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(path, result)
     result["path"] = str(path)
     return result

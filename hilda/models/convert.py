@@ -17,11 +17,11 @@ checkpoint to it gives a Pointcept-loadable backbone.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from hilda.atomic import atomic_write
 from hilda.errors import ConfigError
 
 Tensors = dict[str, torch.Tensor]
@@ -117,10 +117,7 @@ def save_backbone(model, path, voxel=None) -> Path:
     }
     if voxel is not None:
         blob["voxel"] = asdict(voxel)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def read_backbone_state(path) -> tuple[Tensors, dict]:

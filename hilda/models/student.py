@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hilda.errors import ConfigError
-from hilda.models.sparse import load_ops
+from hilda.models.sparse import SparseOps, load_ops
 from hilda.models.voxelize import Voxels, lookup, points_at_stride
 
 
@@ -56,9 +56,9 @@ class StudentOutput:
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3^3 convolutions) with an optional 1^3 projection shortcut."""
 
-    def __init__(self, ops, cin: int, cout: int, level: int, momentum: float) -> None:
+    def __init__(self, ops: SparseOps, cin: int, cout: int, level: int, momentum: float) -> None:
         super().__init__()
-        self.ops = ops
+        self.ops: SparseOps = ops
         self.conv1 = ops.conv(cin, cout, 3, 1, level)
         self.norm1 = ops.batch_norm(cout, momentum)
         self.conv2 = ops.conv(cout, cout, 3, 1, level)
@@ -84,7 +84,8 @@ class MinkUNet(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        ops = self.ops = load_ops(cfg.backend)
+        self.ops: SparseOps = load_ops(cfg.backend)
+        ops = self.ops
         p, n, m = cfg.planes, cfg.layers, cfg.bn_momentum
         self.conv0p1s1 = ops.conv(cfg.in_channels, cfg.init_dim, 5, 1, 1)
         self.bn0 = ops.batch_norm(cfg.init_dim, 0.1)

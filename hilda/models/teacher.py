@@ -37,12 +37,22 @@ from torch import nn
 
 from hilda.errors import ConfigError
 
-# name -> (dim, depth, heads, swiglu)
-SIZES: dict[str, tuple[int, int, int, bool]] = {
-    "vits14": (384, 12, 6, False),
-    "vitb14": (768, 12, 12, False),
-    "vitl14": (1024, 24, 16, False),
-    "vitg14": (1536, 40, 24, True),
+
+@dataclass(frozen=True)
+class ViTSize:
+    """One official DINOv2 size (dinov2/models/vision_transformer.py: vit_small ... vit_giant2)."""
+
+    dim: int
+    depth: int
+    heads: int
+    swiglu: bool  # ViT-g's SwiGLU feed-forward
+
+
+SIZES: dict[str, ViTSize] = {
+    "vits14": ViTSize(dim=384, depth=12, heads=6, swiglu=False),
+    "vitb14": ViTSize(dim=768, depth=12, heads=12, swiglu=False),
+    "vitl14": ViTSize(dim=1024, depth=24, heads=16, swiglu=False),
+    "vitg14": ViTSize(dim=1536, depth=40, heads=24, swiglu=True),
 }
 PATCH = 14
 NATIVE_IMAGE = 518  # official pos_embed covers 37 x 37 patches
@@ -65,15 +75,15 @@ class TeacherInfo:
 def _config(arch: str, registers: int):
     from transformers import Dinov2Config, Dinov2WithRegistersConfig
 
-    dim, depth, heads, swiglu = SIZES[arch]
+    size = SIZES[arch]
     kwargs = dict(
-        hidden_size=dim,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
+        hidden_size=size.dim,
+        num_hidden_layers=size.depth,
+        num_attention_heads=size.heads,
         image_size=NATIVE_IMAGE,
         patch_size=PATCH,
         layerscale_value=1e-5,
-        use_swiglu_ffn=swiglu,
+        use_swiglu_ffn=size.swiglu,
         mlp_ratio=4,
     )
     if registers:
@@ -285,9 +295,9 @@ def hf_to_official(model: nn.Module) -> dict[str, torch.Tensor]:
 def _arch_of(state: dict[str, torch.Tensor], path: str) -> tuple[str, int]:
     dim = int(state["cls_token"].shape[-1])
     registers = int(state["register_tokens"].shape[1]) if "register_tokens" in state else 0
-    for name, (d, depth, _, _) in SIZES.items():
-        blocks = {int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))}
-        if d == dim and len(blocks) == depth:
+    blocks = {int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))}
+    for name, size in SIZES.items():
+        if size.dim == dim and len(blocks) == size.depth:
             return name, registers
     raise ConfigError(f"{path}: a DINOv2 checkpoint of width {dim} matches no ViT-S/B/L/g size")
 
@@ -325,7 +335,7 @@ def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
                 "directory, an official dinov2_*_pretrain.pth file, or random:vits14"
             ) from None
         dim = model.config.hidden_size
-        arch = next((n for n, s in SIZES.items() if s[0] == dim), f"vit-{dim}")
+        arch = next((n for n, s in SIZES.items() if s.dim == dim), f"vit-{dim}")
         registers = int(getattr(model.config, "num_register_tokens", 0))
     model.eval().requires_grad_(False)
     how = use_official_pos_interpolation(model)

@@ -8,7 +8,6 @@ tuples and dicts are stored, so nothing is unpickled beyond what ``weights_only`
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hilda.atomic import atomic_write
 from hilda.errors import HildaError
 
 FORMAT = "hilda-train-checkpoint"
@@ -53,14 +53,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | Path, blob: dict[str, Any]) -> Path:
     """Write ``blob`` (+ format, version, RNG states) to ``path`` via a temporary file and an
     atomic rename: a crash leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, "rng": rng_state(), **blob}, tmp)
-    with open(tmp, "rb") as f:  # the bytes are on disk before the rename makes them current
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    full = {"format": FORMAT, "version": VERSION, "rng": rng_state(), **blob}
+    return atomic_write(path, lambda tmp: torch.save(full, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

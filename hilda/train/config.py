@@ -3,7 +3,7 @@
 Defaults are the paper's (HilDA Tables F1-F3, Sec. C.1): AdamW, weight decay 0.005, OneCycle
 (max lr 1e-3, pct_start 0.04, div 10, final div 100, cosine), 100 epochs, batch 4 per GPU, AMP,
 loss weights 1 / 0.05 / 1, lambda 0.5, "Separate, last 2" distillation with cosine distance,
-max-pooled CLS distillation and the diffusion head. Presets under ``configs/`` only change
+max-pooled CLS distillation and the diffusion head. Presets under ``hilda/configs/`` only change
 what differs.
 """
 
@@ -156,4 +156,11 @@ class TrainConfig:
 
     @property
     def needs_teacher(self) -> bool:
+        """Eq. 1 or Eq. 2 is on: the cache must hold pointmaps and teacher features."""
         return bool(self.loss.distill) or self.loss.cls
+
+    @property
+    def needs_occupancy(self) -> bool:
+        """The aux head learns the t+1 BEV occupancy (diffusion or the simple decoder); ALSO
+        queries the t0 sweep itself."""
+        return self.loss.aux in ("diffusion", "simple")

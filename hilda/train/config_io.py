@@ -161,8 +161,11 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """``cls`` from a YAML file (or the defaults when ``path`` is None) plus overrides."""
-    data = read_yaml(path) if path is not None else {}
+    """``cls`` from a YAML file or a shipped preset's name (``hilda.presets``; the defaults
+    when ``path`` is None) plus overrides."""
+    from hilda.presets import resolve_config
+
+    data = read_yaml(resolve_config(path)) if path is not None else {}
     try:
         return from_dict(cls, apply_overrides(data, list(overrides)))
     except ConfigError as exc:

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from hilda.atomic import atomic_write, write_json
 from hilda.errors import ConfigError, HildaError
 from hilda.models.convert import convert_state, save_backbone
 from hilda.models.sparse import load_ops
@@ -32,7 +33,9 @@ from hilda.train.config_io import from_dict, save_config, to_dict
 from hilda.train.data import (
     Batch,
     CacheDataset,
+    CacheInfo,
     ResumableSampler,
+    SampleIndex,
     check_cache,
     collate,
     sample_index,
@@ -41,6 +44,7 @@ from hilda.train.data import (
 from hilda.train.distributed import World, init_distributed, reduce_mean, shutdown, sync_batchnorm
 from hilda.train.losses import total_loss
 from hilda.train.model import HildaModel
+from hilda.train.optim import build_optimizer, build_scheduler, total_steps
 
 EQ4_TERMS = ("distill", "cls", "aux")
 
@@ -196,96 +200,188 @@ def _train(
 ) -> RunResult:
     device = pick_device(cfg.run.device, world)
     ckpt_path = out / "checkpoints" / "last.pt"
-    blob = None
-    if resume:
-        blob = load_checkpoint(ckpt_path)
-        saved = from_dict(TrainConfig, blob["config"])
-        if to_dict(saved) != to_dict(cfg):
-            differ = _differences(to_dict(saved), to_dict(cfg))
-            raise ConfigError(
-                f"--resume: {ckpt_path} was written with another config ({', '.join(differ)}); "
-                "resume with the same config or start a new --out"
-            )
-    elif ckpt_path.exists():
+    blob = _resume_point(cfg, out, ckpt_path) if resume else None
+    if blob is None and ckpt_path.exists():
         raise ConfigError(
             f"{out} already holds a run ({ckpt_path}); pass --resume to continue it or choose "
             "another --out"
         )
     info = check_cache(store, cfg)
-    samples = sample_index(store, info, cfg.loss.aux in ("diffusion", "simple"))
-    b = cfg.optim.batch_size
+    samples = sample_index(store, info, cfg.needs_occupancy)
     per_rank = math.ceil(len(samples.frames) / world.size)
-    if per_rank < b:
+    if per_rank < cfg.optim.batch_size:
         raise ConfigError(
             f"{store}: {len(samples.frames)} samples (excluded: {samples.excluded}) give "
-            f"{per_rank} per process, fewer than optim.batch_size={b}"
+            f"{per_rank} per process, fewer than optim.batch_size={cfg.optim.batch_size}"
         )
-    steps_per_epoch = per_rank // b
-    total = cfg.optim.epochs * steps_per_epoch
-    if cfg.optim.max_steps is not None:
-        total = min(total, cfg.optim.max_steps)
+    per_epoch = per_rank // cfg.optim.batch_size  # drop_last
+    total = total_steps(cfg.optim.epochs, per_epoch, cfg.optim.max_steps)
     torch.manual_seed(cfg.run.seed)
     means = None
     if cfg.loss.center_teacher and cfg.loss.distill:
         means = teacher_means(info, samples.frames, cfg.loss.center_frames)
     model = HildaModel(cfg, info.teacher_dim, means).to(device)
-    if world.distributed and cfg.run.sync_bn:
-        sync_batchnorm(model, device.type)
-    net: torch.nn.Module = model
-    if world.distributed:
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    o = cfg.optim
-    # OneCycleLR sets the learning rate itself (from max_lr / div_factor).
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=o.lr,
-        total_steps=total,
-        pct_start=o.pct_start,
-        anneal_strategy=o.anneal,
-        div_factor=o.div_factor,
-        final_div_factor=o.final_div_factor,
-    )
-    amp = o.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and o.amp_dtype == "float16")
-    step, epoch, batches_done = 0, 0, 0
+    run = TrainRun.build(cfg, model, world, device, total, per_epoch)
     if blob is not None:
-        model.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        if blob.get("scaler"):
-            scaler.load_state_dict(blob["scaler"])
-        set_rng_state(blob["rng"])
-        step, epoch, batches_done = blob["step"], blob["epoch"], blob["batches_done"]
-
+        run.load(blob)
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        excluded = ", ".join(f"{v} {k}" for k, v in samples.excluded.items() if v)
-        run = {
-            "store": info.store,
-            "teacher": info.teacher,
-            "teacher_blocks": {str(k): v for k, v in info.blocks.items()},
-            "samples": len(samples.frames),
-            "excluded": samples.excluded,
-            "world_size": world.size,
-            "global_batch": b * world.size,
-            "steps": total,
-            "device": str(device),
-        }
-        (out / "run.json").write_text(json.dumps(run, indent=2))
-        console.print(
-            f"[bold]hilda-train[/]: {len(samples.frames)} samples "
-            f"(excluded: {excluded or 'none'}), {world.size} process(es) x batch {b}, "
-            f"{total} steps on {device}" + (f", resuming at step {step}" if blob else "")
-        )
-    log = MetricsLog(out, world.main, cfg.run.tensorboard, step if blob else -1)
+        _write_run_info(cfg, out, info, samples, world, run, console, resumed=blob is not None)
+    log = MetricsLog(out, world.main, cfg.run.tensorboard, run.step if blob else -1)
     dataset = CacheDataset(cfg, info, samples)
     sampler = ResumableSampler(dataset, num_replicas=world.size, rank=world.rank, seed=cfg.run.seed)
+    try:
+        record = _epochs(run, dataset, sampler, log, ckpt_path, console)
+    finally:
+        log.close()
+    backbone = None
+    if world.main:
+        backbone = export(model, out)
+        summary = {"steps": run.step, "final": record, "backbone": str(backbone)}
+        write_json(out / "summary.json", summary)
+        console.print(f"[bold green]done[/]: {run.step} steps; backbone -> {backbone}")
+    return RunResult(out, run.step, record, backbone)
+
+
+def _resume_point(cfg: TrainConfig, out: Path, ckpt_path: Path) -> dict:
+    """The checkpoint to resume from, refused if it was written with another config."""
+    blob = load_checkpoint(ckpt_path)
+    saved = to_dict(from_dict(TrainConfig, blob["config"]))
+    if saved != to_dict(cfg):
+        differ = _differences(saved, to_dict(cfg))
+        raise ConfigError(
+            f"--resume: {ckpt_path} was written with another config ({', '.join(differ)}); "
+            "resume with the same config or start a new --out"
+        )
+    return blob
+
+
+@dataclass
+class TrainRun:
+    """What a step changes and a checkpoint saves: the model (and its DDP wrapper), the
+    optimiser, schedule and scaler, and the position (step, epoch, batches of the epoch)."""
+
+    cfg: TrainConfig
+    model: HildaModel
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    world: World
+    total: int
+    per_epoch: int
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        cfg: TrainConfig,
+        model: HildaModel,
+        world: World,
+        device: torch.device,
+        total: int,
+        per_epoch: int,
+    ) -> TrainRun:
+        if world.distributed and cfg.run.sync_bn:
+            sync_batchnorm(model, device.type)
+        net: torch.nn.Module = model
+        if world.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids)
+        o = cfg.optim
+        optimizer = build_optimizer(
+            [{"params": model.parameters(), "lr": o.lr}], o.weight_decay, o.betas
+        )
+        scheduler = build_scheduler(
+            optimizer,
+            total,
+            pct_start=o.pct_start,
+            div_factor=o.div_factor,
+            final_div_factor=o.final_div_factor,
+            anneal=o.anneal,
+        )
+        fp16 = o.amp and device.type == "cuda" and o.amp_dtype == "float16"
+        scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # bf16 needs no scaling
+        return cls(cfg, model, net, device, optimizer, scheduler, scaler, world, total, per_epoch)
+
+    def load(self, blob: dict) -> None:
+        self.model.load_state_dict(blob["model"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        if blob.get("scaler"):
+            self.scaler.load_state_dict(blob["scaler"])
+        set_rng_state(blob["rng"])
+        self.step, self.epoch, self.batches_done = blob["step"], blob["epoch"], blob["batches_done"]
+
+    def state(self) -> dict:
+        """The checkpoint: after this step, positioned at the next epoch if this one ended."""
+        ended = self.batches_done >= self.per_epoch
+        epoch, done = (self.epoch + 1, 0) if ended else (self.epoch, self.batches_done)
+        return {
+            "step": self.step,
+            "epoch": epoch,
+            "batches_done": done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": to_dict(self.cfg),
+        }
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        self.net.train()
+        args = (self.optimizer, self.scheduler, self.scaler, self.cfg, self.device)
+        terms = train_step(self.net, batch.to(self.device), *args)
+        self.step, self.batches_done = self.step + 1, self.batches_done + 1
+        return terms
+
+
+def _write_run_info(
+    cfg: TrainConfig,
+    out: Path,
+    info: CacheInfo,
+    samples: SampleIndex,
+    world: World,
+    run: TrainRun,
+    console: Console,
+    resumed: bool,
+) -> None:
+    """``config.yaml`` and ``run.json`` in the run folder, and the run's one-line summary."""
+    b = cfg.optim.batch_size
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    run_info = {
+        "store": info.store,
+        "teacher": info.teacher,
+        "teacher_blocks": {str(k): v for k, v in info.blocks.items()},
+        "samples": len(samples.frames),
+        "excluded": samples.excluded,
+        "world_size": world.size,
+        "global_batch": b * world.size,
+        "steps": run.total,
+        "device": str(run.device),
+    }
+    write_json(out / "run.json", run_info)
+    excluded = ", ".join(f"{v} {k}" for k, v in samples.excluded.items() if v)
+    console.print(
+        f"[bold]hilda-train[/]: {len(samples.frames)} samples "
+        f"(excluded: {excluded or 'none'}), {world.size} process(es) x batch {b}, "
+        f"{run.total} steps on {run.device}" + (f", resuming at step {run.step}" if resumed else "")
+    )
+
+
+def _epochs(
+    run: TrainRun,
+    dataset: CacheDataset,
+    sampler: ResumableSampler,
+    log: MetricsLog,
+    ckpt_path: Path,
+    console: Console,
+) -> dict[str, float]:
+    """Train from the run's position to its last step; returns the last step's record."""
+    cfg, b = run.cfg, run.cfg.optim.batch_size
     record: dict[str, float] = {}
     progress = Progress(
         TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
@@ -294,13 +390,15 @@ def _train(
         TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
         console=console,
-        disable=not world.main,
+        disable=not run.world.main,
     )
     with progress:
-        task = progress.add_task("train", total=total, completed=step, epoch=epoch, status="")
-        while step < total:
-            sampler.set_epoch(epoch)
-            sampler.start = batches_done * b
+        task = progress.add_task(
+            "train", total=run.total, completed=run.step, epoch=run.epoch, status=""
+        )
+        while run.step < run.total:
+            sampler.set_epoch(run.epoch)
+            sampler.start = run.batches_done * b
             loader = DataLoader(
                 dataset,
                 batch_size=b,
@@ -308,60 +406,48 @@ def _train(
                 num_workers=cfg.data.num_workers,
                 collate_fn=collate,
                 drop_last=True,
-                pin_memory=device.type == "cuda",
+                pin_memory=run.device.type == "cuda",
             )
             tick, seen = time.perf_counter(), 0
             for batch in loader:
-                net.train()
-                terms = train_step(net, batch.to(device), optimizer, scheduler, scaler, cfg, device)
-                step, batches_done, seen = step + 1, batches_done + 1, seen + b * world.size
-                rate = seen / max(time.perf_counter() - tick, 1e-9)
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": scheduler.get_last_lr()[0],
-                    **terms,
-                    "samples_per_s": rate,
-                    "time": time.time(),
-                }
-                status = " ".join(f"{k} {terms[k]:.4f}" for k in ("loss", *EQ4_TERMS) if k in terms)
-                if step % cfg.run.log_every == 0 or step == total:
-                    log.write(record)
-                    if world.main and not console.is_terminal:  # CI logs: a plain line
-                        console.print(f"step {step}/{total} {status} | {rate:.2f} samples/s")
-                progress.update(
-                    task, completed=step, epoch=epoch, status=f"{status} | {rate:.2f} samples/s"
-                )
-                last = batches_done >= steps_per_epoch
-                if step % cfg.run.checkpoint_every == 0 or step == total:
-                    # Position after this step: the next epoch if this one is finished.
-                    pos = (epoch + 1, 0) if last else (epoch, batches_done)
-                    if world.main:
-                        save_checkpoint(
-                            ckpt_path,
-                            {
-                                "step": step,
-                                "epoch": pos[0],
-                                "batches_done": pos[1],
-                                "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(),
-                                "scaler": scaler.state_dict(),
-                                "config": to_dict(cfg),
-                            },
-                        )
-                if step >= total:
+                terms = run.train_step(batch)
+                seen += b * run.world.size
+                record = _record(run, terms, seen / max(time.perf_counter() - tick, 1e-9))
+                _report(run, record, log, progress, task, console)
+                if run.step % cfg.run.checkpoint_every == 0 or run.step == run.total:
+                    if run.world.main:
+                        save_checkpoint(ckpt_path, run.state())
+                if run.step >= run.total:
                     break
-            if batches_done >= steps_per_epoch:
-                epoch, batches_done = epoch + 1, 0
-    log.close()
-    backbone = None
-    if world.main:
-        backbone = export(model, out)
-        summary = {"steps": step, "final": record, "backbone": str(backbone)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        console.print(f"[bold green]done[/]: {step} steps; backbone -> {backbone}")
-    return RunResult(out, step, record, backbone)
+            if run.batches_done >= run.per_epoch:
+                run.epoch, run.batches_done = run.epoch + 1, 0
+    return record
+
+
+def _record(run: TrainRun, terms: dict[str, float], rate: float) -> dict[str, float]:
+    return {
+        "step": run.step,
+        "epoch": run.epoch,
+        "lr": run.scheduler.get_last_lr()[0],
+        **terms,
+        "samples_per_s": rate,
+        "time": time.time(),
+    }
+
+
+def _report(
+    run: TrainRun, record: dict, log: MetricsLog, progress: Progress, task, console: Console
+) -> None:
+    """Metrics every ``log_every`` steps (and a plain line where there is no terminal), and
+    the progress bar every step."""
+    terms = ("loss", *EQ4_TERMS)
+    status = " ".join(f"{k} {record[k]:.4f}" for k in terms if k in record)
+    rate = f"{record['samples_per_s']:.2f} samples/s"
+    if run.step % run.cfg.run.log_every == 0 or run.step == run.total:
+        log.write(record)
+        if run.world.main and not console.is_terminal:  # CI logs: a plain line
+            console.print(f"step {run.step}/{run.total} {status} | {rate}")
+    progress.update(task, completed=run.step, epoch=run.epoch, status=f"{status} | {rate}")
 
 
 def export(model: HildaModel, out: Path) -> Path:
@@ -371,9 +457,7 @@ def export(model: HildaModel, out: Path) -> Path:
     state = {k: v.detach().cpu() for k, v in model.student.state_dict().items()}
     state = convert_state(state, "minkowski")  # MinkowskiEngine (= Pointcept) layout
     pointcept = {"state_dict": {f"module.backbone.{k}": v for k, v in state.items()}}
-    tmp = out / "pointcept_backbone.pth.tmp"
-    torch.save(pointcept, tmp)
-    tmp.replace(out / "pointcept_backbone.pth")
+    atomic_write(out / "pointcept_backbone.pth", lambda tmp: torch.save(pointcept, tmp))
     return path
 
 

@@ -102,34 +102,75 @@ def _write_map(path: Path, world: World) -> None:
 def write_nuscenes(
     cfg: SyntheticConfig, progress: Callable[[str], None] | None = None
 ) -> dict[str, int]:
-    root = Path(cfg.out)
-    version = cfg.version
-    rig = cfg.rig
-    names = scene_names(version, cfg.scenes)
-    width, height = cfg.resolved_image_size
-    tables: dict[str, list[dict]] = {k: [] for k in (*TABLES, "lidarseg")}
-    for i, name in enumerate(GENERAL_CATEGORIES):
-        tables["category"].append(
-            {"token": token("category", name), "name": name, "description": name, "index": i}
-        )
-    for i, level in enumerate(("v0-40", "v40-60", "v60-80", "v80-100"), start=1):
-        tables["visibility"].append({"token": str(i), "level": level, "description": level})
-    channels = [rig.lidar.name] + [c.name for c in rig.cameras]
-    for ch in channels:
-        modality = "lidar" if ch == rig.lidar.name else "camera"
-        tables["sensor"].append({"token": token("sensor", ch), "channel": ch, "modality": modality})
-    for sub in ["maps", f"lidarseg/{version}", *(f"samples/{ch}" for ch in channels)]:
-        (root / sub).mkdir(parents=True, exist_ok=True)
+    """Write the world of ``cfg`` as a nuScenes dataset (tables, sweeps, JPEGs, lidarseg
+    labels, map masks, class maps) under ``cfg.out``; returns what was written."""
+    writer = _NuScenesWriter(cfg)
+    for si, scene_name in enumerate(scene_names(cfg.version, cfg.scenes)):
+        writer.scene(si, scene_name, progress)
+    table_dir = writer.root / cfg.version
+    table_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in writer.tables.items():
+        (table_dir / f"{name}.json").write_text(json.dumps(rows, indent=0))
+    return writer.counts
 
-    counts = {"scenes": 0, "samples": 0, "points": 0, "images": 0}
-    for si, scene_name in enumerate(names):
+
+class _NuScenesWriter:
+    """The tables of a nuScenes version, filled scene by scene, and the files they name."""
+
+    def __init__(self, cfg: SyntheticConfig) -> None:
+        self.cfg, self.root, self.rig = cfg, Path(cfg.out), cfg.rig
+        self.size = cfg.resolved_image_size  # (W, H)
+        self.tables: dict[str, list[dict]] = {k: [] for k in (*TABLES, "lidarseg")}
+        self.counts = {"scenes": 0, "samples": 0, "points": 0, "images": 0}
+        self.channels = [self.rig.lidar.name] + [c.name for c in self.rig.cameras]
+        for i, name in enumerate(GENERAL_CATEGORIES):
+            self.tables["category"].append(
+                {"token": token("category", name), "name": name, "description": name, "index": i}
+            )
+        for i, level in enumerate(("v0-40", "v40-60", "v60-80", "v80-100"), start=1):
+            self.tables["visibility"].append(
+                {"token": str(i), "level": level, "description": level}
+            )
+        for ch in self.channels:
+            modality = "lidar" if ch == self.rig.lidar.name else "camera"
+            self.tables["sensor"].append(
+                {"token": token("sensor", ch), "channel": ch, "modality": modality}
+            )
+        for sub in ["maps", f"lidarseg/{cfg.version}", *(f"samples/{ch}" for ch in self.channels)]:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def scene(self, si: int, name: str, progress: Callable[[str], None] | None) -> None:
+        cfg, frames = self.cfg, self.cfg.frames_per_scene
         start_us = SCENE_START_US + si * 3_600_000_000
         world = scene_world(cfg, si, start_us)
         stamp = datetime.fromtimestamp(start_us / 1e6, tz=UTC)
         logfile = f"syn{cfg.seed:03d}-{stamp:%Y-%m-%d-%H-%M-%S}+0000"
-        log_tok, scene_tok = token(cfg.seed, "log", si), token(cfg.seed, "scene", si)
-        map_tok = token(cfg.seed, "map", si)
-        tables["log"].append(
+        log_tok = token(cfg.seed, "log", si)
+        self._log_and_map(si, world, logfile, log_tok, stamp)
+        calib = self._calibration(si)
+        samples = [token(cfg.seed, "sample", si, k) for k in range(frames)]
+        scene_tok = token(cfg.seed, "scene", si)
+        rng = np.random.default_rng([cfg.seed, si, 7])
+        for rec in simulate_scene(world, self.rig, frames, 1, self.size, rng):
+            self._keyframe(si, rec, samples, scene_tok, logfile, calib)
+            if progress:
+                progress(f"{name} keyframe {rec.keyframe + 1}/{frames}")
+        self.tables["scene"].append(
+            {
+                "token": scene_tok,
+                "log_token": log_tok,
+                "nbr_samples": frames,
+                "first_sample_token": samples[0],
+                "last_sample_token": samples[-1],
+                "name": name,
+                "description": f"synthetic world, seed {cfg.seed}, scene {si}",
+            }
+        )
+        self.counts["scenes"] += 1
+
+    def _log_and_map(self, si: int, world: World, logfile: str, log_tok: str, stamp) -> None:
+        map_tok = token(self.cfg.seed, "map", si)
+        self.tables["log"].append(
             {
                 "token": log_tok,
                 "logfile": logfile,
@@ -138,8 +179,8 @@ def write_nuscenes(
                 "date_captured": f"{stamp:%Y-%m-%d}",
             }
         )
-        _write_map(root / "maps" / f"{map_tok}.png", world)
-        tables["map"].append(
+        _write_map(self.root / "maps" / f"{map_tok}.png", world)
+        self.tables["map"].append(
             {
                 "token": map_tok,
                 "log_tokens": [log_tok],
@@ -147,99 +188,77 @@ def write_nuscenes(
                 "filename": f"maps/{map_tok}.png",
             }
         )
-        calib = {}
-        lidar_cal = _pose(rig.lidar.lidar_to_ego())
-        calib[rig.lidar.name] = token(cfg.seed, "calib", si, rig.lidar.name)
-        tables["calibrated_sensor"].append(
-            {
-                "token": calib[rig.lidar.name],
-                "sensor_token": token("sensor", rig.lidar.name),
-                **lidar_cal,
-                "camera_intrinsic": [],
-            }
-        )
-        for cam in rig.cameras:
-            calib[cam.name] = token(cfg.seed, "calib", si, cam.name)
-            tables["calibrated_sensor"].append(
+
+    def _calibration(self, si: int) -> dict[str, str]:
+        """The scene's calibrated_sensor rows; channel -> token."""
+        rig, seed = self.rig, self.cfg.seed
+        calib = {ch: token(seed, "calib", si, ch) for ch in self.channels}
+        rows = [(rig.lidar.name, _pose(rig.lidar.lidar_to_ego()), [])]
+        rows += [
+            (c.name, _pose(c.cam_to_ego()), c.intrinsics(*c.size(self.size)).tolist())
+            for c in rig.cameras
+        ]
+        for ch, pose, intrinsic in rows:
+            self.tables["calibrated_sensor"].append(
                 {
-                    "token": calib[cam.name],
-                    "sensor_token": token("sensor", cam.name),
-                    **_pose(cam.cam_to_ego()),
-                    "camera_intrinsic": cam.intrinsics(*cam.size((width, height))).tolist(),
+                    "token": calib[ch],
+                    "sensor_token": token("sensor", ch),
+                    **pose,
+                    "camera_intrinsic": intrinsic,
                 }
             )
-        sample_toks = [token(cfg.seed, "sample", si, k) for k in range(cfg.frames_per_scene)]
-        sd_toks = {
-            ch: [token(cfg.seed, "sd", si, ch, k) for k in range(cfg.frames_per_scene)]
-            for ch in channels
-        }
-        rng = np.random.default_rng([cfg.seed, si, 7])
-        for rec in simulate_scene(world, rig, cfg.frames_per_scene, 1, (width, height), rng):
-            k = rec.keyframe
-            tables["sample"].append(
-                {
-                    "token": sample_toks[k],
-                    "timestamp": rec.t_us,
-                    "scene_token": scene_tok,
-                    "prev": sample_toks[k - 1] if k > 0 else "",
-                    "next": sample_toks[k + 1] if k + 1 < cfg.frames_per_scene else "",
-                }
-            )
-            shots = [(rig.lidar.name, rec.t_us, rec.ego_to_global, None)]
-            shots += [(c.name, t, pose, img) for c, t, pose, img in rec.images]
-            for ch, t, pose, img in shots:
-                sd = sd_toks[ch][k]
-                pose_tok = token(cfg.seed, "pose", si, ch, k)
-                tables["ego_pose"].append({"token": pose_tok, "timestamp": t, **_pose(pose)})
-                ext = "pcd.bin" if img is None else "jpg"
-                filename = f"samples/{ch}/{logfile}__{ch}__{t}.{ext}"
-                tables["sample_data"].append(
-                    {
-                        "token": sd,
-                        "sample_token": sample_toks[k],
-                        "ego_pose_token": pose_tok,
-                        "calibrated_sensor_token": calib[ch],
-                        "timestamp": t,
-                        "fileformat": "pcd" if img is None else "jpg",
-                        "is_key_frame": True,
-                        "height": 0 if img is None else int(img.rgb.shape[0]),
-                        "width": 0 if img is None else int(img.rgb.shape[1]),
-                        "filename": filename,
-                        "prev": sd_toks[ch][k - 1] if k > 0 else "",
-                        "next": sd_toks[ch][k + 1] if k + 1 < cfg.frames_per_scene else "",
-                    }
-                )
-                if img is None:
-                    sw = rec.sweep
-                    pts = np.column_stack([sw.points, sw.intensity, sw.ring]).astype(np.float32)
-                    pts.tofile(root / filename)
-                    label_file = f"lidarseg/{version}/{sd}_lidarseg.bin"
-                    sw.label.astype(np.uint8).tofile(root / label_file)
-                    tables["lidarseg"].append(
-                        {"token": sd, "sample_data_token": sd, "filename": label_file}
-                    )
-                    counts["points"] += len(pts)
-                else:
-                    Image.fromarray(img.rgb).save(root / filename, quality=cfg.jpeg_quality)
-                    write_class_map(root / filename, img.label)
-                    counts["images"] += 1
-            counts["samples"] += 1
-            if progress:
-                progress(f"{scene_name} keyframe {k + 1}/{cfg.frames_per_scene}")
-        tables["scene"].append(
+        return calib
+
+    def _keyframe(self, si, rec, samples: list[str], scene_tok, logfile, calib) -> None:
+        k, frames, seed = rec.keyframe, self.cfg.frames_per_scene, self.cfg.seed
+        self.tables["sample"].append(
             {
-                "token": scene_tok,
-                "log_token": log_tok,
-                "nbr_samples": cfg.frames_per_scene,
-                "first_sample_token": sample_toks[0],
-                "last_sample_token": sample_toks[-1],
-                "name": scene_name,
-                "description": f"synthetic world, seed {cfg.seed}, scene {si}",
+                "token": samples[k],
+                "timestamp": rec.t_us,
+                "scene_token": scene_tok,
+                "prev": samples[k - 1] if k > 0 else "",
+                "next": samples[k + 1] if k + 1 < frames else "",
             }
         )
-        counts["scenes"] += 1
-    table_dir = root / version
-    table_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in tables.items():
-        (table_dir / f"{name}.json").write_text(json.dumps(rows, indent=0))
-    return counts
+        shots = [(self.rig.lidar.name, rec.t_us, rec.ego_to_global, None)]
+        shots += [(c.name, t, pose, img) for c, t, pose, img in rec.images]
+        for ch, t, pose, img in shots:
+            sd = [token(seed, "sd", si, ch, j) for j in (k - 1, k, k + 1)]
+            pose_tok = token(seed, "pose", si, ch, k)
+            self.tables["ego_pose"].append({"token": pose_tok, "timestamp": t, **_pose(pose)})
+            ext = "pcd.bin" if img is None else "jpg"
+            filename = f"samples/{ch}/{logfile}__{ch}__{t}.{ext}"
+            self.tables["sample_data"].append(
+                {
+                    "token": sd[1],
+                    "sample_token": samples[k],
+                    "ego_pose_token": pose_tok,
+                    "calibrated_sensor_token": calib[ch],
+                    "timestamp": t,
+                    "fileformat": "pcd" if img is None else "jpg",
+                    "is_key_frame": True,
+                    "height": 0 if img is None else int(img.rgb.shape[0]),
+                    "width": 0 if img is None else int(img.rgb.shape[1]),
+                    "filename": filename,
+                    "prev": sd[0] if k > 0 else "",
+                    "next": sd[2] if k + 1 < frames else "",
+                }
+            )
+            if img is None:
+                self._sweep(rec.sweep, sd[1], filename)
+            else:
+                Image.fromarray(img.rgb).save(self.root / filename, quality=self.cfg.jpeg_quality)
+                write_class_map(self.root / filename, img.label)
+                self.counts["images"] += 1
+        self.counts["samples"] += 1
+
+    def _sweep(self, sweep, sd: str, filename: str) -> None:
+        """The .pcd.bin sweep (x, y, z, intensity, ring) and its lidarseg labels."""
+        pts = np.column_stack([sweep.points, sweep.intensity, sweep.ring]).astype(np.float32)
+        pts.tofile(self.root / filename)
+        label_file = f"lidarseg/{self.cfg.version}/{sd}_lidarseg.bin"
+        sweep.label.astype(np.uint8).tofile(self.root / label_file)
+        self.tables["lidarseg"].append(
+            {"token": sd, "sample_data_token": sd, "filename": label_file}
+        )
+        self.counts["points"] += len(pts)

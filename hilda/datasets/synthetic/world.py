@@ -187,190 +187,170 @@ def make_world(seed: int, scene_index: int, duration_s: float, start_us: int) ->
     center = origin - radius * np.array([np.cos(theta0), np.sin(theta0)])
     road = Road(center=center, radius=radius, turn=turn, theta0=theta0)
     ego_speed = float(rng.uniform(4.0, 8.0))
-    s_lo, s_hi = -50.0, ego_speed * duration_s + 70.0
-
-    rows: list[tuple] = []
-    next_inst = iter(range(1, 1_000_000))
-
-    def style(name: str):
-        rgb, tex, _ = CLASS_STYLE[name]
-        return GENERAL_INDEX[name], rgb, tex
-
-    def place(kind, s, lat, z, size, yaw_off, name, color=None, inst=None):
-        label, rgb, tex = style(name)
-        xy = road.point(s, lat)
-        yaw = float(road.heading(s)) + yaw_off
-        rows.append(
-            (
-                kind,
-                np.array([*xy, z]),
-                size,
-                yaw,
-                label,
-                inst if inst is not None else next(next_inst),
-                color if color is not None else _jitter(rng, rgb),
-                tex,
-            )
-        )
-
+    scene = _SceneBuilder(rng, road, -50.0, ego_speed * duration_s + 70.0)
+    # The order of the draws is the world: a seed gives the same scene only in this order.
     for side in (-1, 1):
-        # Buildings: a row of boxes behind the sidewalk, facing the road.
-        s = s_lo + rng.uniform(0, 6)
-        while s < s_hi:
+        scene.buildings(side)
+        scene.trees(side)
+        scene.poles(side)
+        scene.parked_cars(side)
+        if side == 1:
+            s_truck = float(rng.uniform(scene.s_lo + 20, scene.s_hi - 20))
+            scene.place(KIND_BOX, s_truck, 3.8, 1.8, (4.5, 1.2, 1.5), 0.0, "vehicle.truck")
+        scene.barriers_and_cones(side)
+    movers = scene.traffic(ego_speed) + scene.pedestrians()
+    return World(
+        road=road, ego_speed=ego_speed, start_us=start_us, static=_pack(scene.rows), movers=movers
+    )
+
+
+def _style(name: str) -> tuple[int, tuple[float, float, float], int]:
+    """(general label, colour, texture) of a class."""
+    rgb, tex, _ = CLASS_STYLE[name]
+    return GENERAL_INDEX[name], rgb, tex
+
+
+class _SceneBuilder:
+    """Places one scene's objects along the road between arc lengths ``s_lo`` and ``s_hi``:
+    static rows (kind, centre, size, yaw, label, instance, colour, texture) and movers."""
+
+    def __init__(self, rng: np.random.Generator, road: Road, s_lo: float, s_hi: float) -> None:
+        self.rng, self.road, self.s_lo, self.s_hi = rng, road, s_lo, s_hi
+        self.rows: list[tuple] = []
+        self._instances = iter(range(1, 1_000_000))
+
+    def instance(self) -> int:
+        return next(self._instances)
+
+    def row(self, kind, center, size, yaw, label, inst, color, tex) -> None:
+        self.rows.append((kind, center, size, yaw, label, inst, color, tex))
+
+    def place(self, kind, s, lat, z, size, yaw_off, name, color=None, inst=None) -> None:
+        """One object at arc length ``s``, lateral offset ``lat``, facing along the road."""
+        label, rgb, tex = _style(name)
+        xy = self.road.point(s, lat)
+        yaw = float(self.road.heading(s)) + yaw_off
+        inst = inst if inst is not None else self.instance()
+        color = color if color is not None else _jitter(self.rng, rgb)
+        self.row(kind, np.array([*xy, z]), size, yaw, label, inst, color, tex)
+
+    def buildings(self, side: int) -> None:
+        """A row of boxes behind the sidewalk, facing the road."""
+        rng, s = self.rng, self.s_lo + self.rng.uniform(0, 6)
+        while s < self.s_hi:
             length = rng.uniform(6.0, 16.0)
             depth = rng.uniform(6.0, 12.0)
             height = rng.uniform(5.0, 18.0)
             setback = rng.uniform(10.0, 14.0)
-            place(
-                KIND_BOX,
-                s + length / 2,
-                side * (setback + depth / 2),
-                height / 2,
-                (length / 2, depth / 2, height / 2),
-                0.0,
-                "static.manmade",
-            )
+            lat, size = side * (setback + depth / 2), (length / 2, depth / 2, height / 2)
+            self.place(KIND_BOX, s + length / 2, lat, height / 2, size, 0.0, "static.manmade")
             s += length + rng.uniform(1.0, 6.0)
-        # Trees between the sidewalk and the buildings.
-        s = s_lo + rng.uniform(0, 8)
-        while s < s_hi:
-            label, rgb, tex = style("static.vegetation")
-            inst = next(next_inst)
+
+    def trees(self, side: int) -> None:
+        """Trunk and crown between the sidewalk and the buildings."""
+        rng, s = self.rng, self.s_lo + self.rng.uniform(0, 8)
+        while s < self.s_hi:
+            label, rgb, tex = _style("static.vegetation")
+            inst = self.instance()
             lat = side * rng.uniform(7.8, 9.2)
             trunk_h = rng.uniform(1.8, 3.0)
             crown = rng.uniform(1.2, 2.2)
-            xy = road.point(s, lat)
-            rows.append(
-                (
-                    KIND_CYLINDER,
-                    np.array([*xy, 0.0]),
-                    (0.18, trunk_h, 0.0),
-                    0.0,
-                    label,
-                    inst,
-                    _jitter(rng, (0.35, 0.25, 0.15), 0.04),
-                    tex,
-                )
+            xy = self.road.point(s, lat)
+            bark = _jitter(rng, (0.35, 0.25, 0.15), 0.04)
+            self.row(
+                KIND_CYLINDER,
+                np.array([*xy, 0.0]),
+                (0.18, trunk_h, 0.0),
+                0.0,
+                label,
+                inst,
+                bark,
+                tex,
             )
-            rows.append(
-                (
-                    KIND_SPHERE,
-                    np.array([*xy, trunk_h + 0.7 * crown]),
-                    (crown, 0.0, 0.0),
-                    0.0,
-                    label,
-                    inst,
-                    _jitter(rng, rgb),
-                    tex,
-                )
-            )
+            leaves = _jitter(rng, rgb)
+            top = np.array([*xy, trunk_h + 0.7 * crown])
+            self.row(KIND_SPHERE, top, (crown, 0.0, 0.0), 0.0, label, inst, leaves, tex)
             s += rng.uniform(7.0, 16.0)
-        # Poles on the sidewalk.
-        s = s_lo + rng.uniform(0, 10)
-        while s < s_hi:
-            label, _, _ = style("static.manmade")
-            xy = road.point(s, side * 6.3)
-            rows.append(
-                (
-                    KIND_CYLINDER,
-                    np.array([*xy, 0.0]),
-                    (0.12, rng.uniform(5.0, 8.0), 0.0),
-                    0.0,
-                    label,
-                    next(next_inst),
-                    POLE_COLOR,
-                    TEX_METAL,
-                )
+
+    def poles(self, side: int) -> None:
+        """Poles on the sidewalk."""
+        rng, s = self.rng, self.s_lo + self.rng.uniform(0, 10)
+        while s < self.s_hi:
+            label, _, _ = _style("static.manmade")
+            xy = self.road.point(s, side * 6.3)
+            size = (0.12, rng.uniform(5.0, 8.0), 0.0)
+            inst = self.instance()
+            self.row(
+                KIND_CYLINDER, np.array([*xy, 0.0]), size, 0.0, label, inst, POLE_COLOR, TEX_METAL
             )
             s += rng.uniform(14.0, 24.0)
-        # Parked cars along the kerb, a truck on one side.
-        s = s_lo + rng.uniform(0, 10)
-        while s < s_hi:
+
+    def parked_cars(self, side: int) -> None:
+        """Cars along the kerb, some gaps."""
+        rng, road, s = self.rng, self.road, self.s_lo + self.rng.uniform(0, 10)
+        while s < self.s_hi:
             if rng.random() < 0.55:
                 length, width, height = (
                     rng.uniform(3.9, 4.9),
                     rng.uniform(1.7, 2.0),
                     rng.uniform(1.4, 1.7),
                 )
-                label, rgb, tex = style("vehicle.car")
-                inst, color = next(next_inst), _jitter(rng, rgb, 0.12)
+                label, rgb, tex = _style("vehicle.car")
+                inst, color = self.instance(), _jitter(rng, rgb, 0.12)
                 for kind, local, size in car_parts(length, width, height):
                     c = np.array([*road.point(s + local[0], side * 3.75 + local[1]), local[2]])
-                    rows.append((kind, c, size, float(road.heading(s)), label, inst, color, tex))
+                    self.row(kind, c, size, float(road.heading(s)), label, inst, color, tex)
             s += rng.uniform(6.0, 11.0)
-        if side == 1:
-            s_truck = float(rng.uniform(s_lo + 20, s_hi - 20))
-            place(KIND_BOX, s_truck, 3.8, 1.8, (4.5, 1.2, 1.5), 0.0, "vehicle.truck")
-        # Barriers and cones at the road edge.
+
+    def barriers_and_cones(self, side: int) -> None:
+        """Barriers and traffic cones at the road edge."""
+        rng = self.rng
         for _ in range(int(rng.integers(1, 4))):
-            s = rng.uniform(s_lo, s_hi)
-            place(KIND_BOX, s, side * 4.4, 0.5, (1.0, 0.2, 0.5), 0.0, "movable_object.barrier")
+            s = rng.uniform(self.s_lo, self.s_hi)
+            self.place(KIND_BOX, s, side * 4.4, 0.5, (1.0, 0.2, 0.5), 0.0, "movable_object.barrier")
         for _ in range(int(rng.integers(2, 6))):
-            label, rgb, tex = style("movable_object.trafficcone")
-            xy = road.point(rng.uniform(s_lo, s_hi), side * rng.uniform(3.6, 4.2))
-            rows.append(
-                (
-                    KIND_CYLINDER,
-                    np.array([*xy, 0.0]),
-                    (0.18, 0.7, 0.0),
-                    0.0,
-                    label,
-                    next(next_inst),
-                    _jitter(rng, rgb, 0.05),
-                    tex,
-                )
+            label, rgb, tex = _style("movable_object.trafficcone")
+            xy = self.road.point(rng.uniform(self.s_lo, self.s_hi), side * rng.uniform(3.6, 4.2))
+            inst = self.instance()
+            color = _jitter(rng, rgb, 0.05)
+            self.row(
+                KIND_CYLINDER, np.array([*xy, 0.0]), (0.18, 0.7, 0.0), 0.0, label, inst, color, tex
             )
 
-    movers: list[Mover] = []
-    label, rgb, tex = style("vehicle.car")
-    for _ in range(int(rng.integers(2, 5))):  # oncoming traffic
-        dims = (rng.uniform(3.9, 4.9), rng.uniform(1.7, 2.0), rng.uniform(1.4, 1.7))
+    def traffic(self, ego_speed: float) -> list[Mover]:
+        """Oncoming cars, and a car ahead in the ego lane pulling away."""
+        rng, movers = self.rng, []
+        label, rgb, tex = _style("vehicle.car")
+        for _ in range(int(rng.integers(2, 5))):
+            dims = (rng.uniform(3.9, 4.9), rng.uniform(1.7, 2.0), rng.uniform(1.4, 1.7))
+            s0 = float(rng.uniform(self.s_lo + 30, self.s_hi + 60))
+            speed = -float(rng.uniform(5, 11))
+            inst = self.instance()
+            color = _jitter(rng, rgb, 0.12)
+            movers.append(Mover(s0, 1.8, speed, car_parts(*dims), label, inst, color, tex))
+        lead = ego_speed + float(rng.uniform(0.5, 2.5))
+        s0 = float(rng.uniform(14, 25))
+        inst = self.instance()
+        color = _jitter(rng, rgb, 0.12)
         movers.append(
-            Mover(
-                float(rng.uniform(s_lo + 30, s_hi + 60)),
-                1.8,
-                -float(rng.uniform(5, 11)),
-                car_parts(*dims),
-                label,
-                next(next_inst),
-                _jitter(rng, rgb, 0.12),
-                tex,
-            )
+            Mover(s0, EGO_LANE, lead, car_parts(4.4, 1.85, 1.55), label, inst, color, tex)
         )
-    lead = ego_speed + float(rng.uniform(0.5, 2.5))  # a car ahead in the ego lane, pulling away
-    dims = (4.4, 1.85, 1.55)
-    movers.append(
-        Mover(
-            float(rng.uniform(14, 25)),
-            EGO_LANE,
-            lead,
-            car_parts(*dims),
-            label,
-            next(next_inst),
-            _jitter(rng, rgb, 0.12),
-            tex,
-        )
-    )
-    label, rgb, tex = style("human.pedestrian.adult")
-    for _ in range(int(rng.integers(3, 8))):
-        side = rng.choice([-1.0, 1.0])
-        walk = float(rng.uniform(0.8, 1.5) * rng.choice([-1.0, 1.0]))
+        return movers
+
+    def pedestrians(self) -> list[Mover]:
+        """People walking along the sidewalks."""
+        rng, movers = self.rng, []
+        label, rgb, tex = _style("human.pedestrian.adult")
         parts = (
             (KIND_CYLINDER, (0.0, 0.0, 0.0), (0.22, 1.45, 0.0)),
             (KIND_SPHERE, (0.0, 0.0, 1.6), (0.14, 0.0, 0.0)),
         )
-        movers.append(
-            Mover(
-                float(rng.uniform(s_lo, s_hi)),
-                side * rng.uniform(4.6, 6.0),
-                walk,
-                parts,
-                label,
-                next(next_inst),
-                _jitter(rng, rgb, 0.1),
-                tex,
-            )
-        )
-    return World(
-        road=road, ego_speed=ego_speed, start_us=start_us, static=_pack(rows), movers=movers
-    )
+        for _ in range(int(rng.integers(3, 8))):
+            side = rng.choice([-1.0, 1.0])
+            walk = float(rng.uniform(0.8, 1.5) * rng.choice([-1.0, 1.0]))
+            s0 = float(rng.uniform(self.s_lo, self.s_hi))
+            lat = side * rng.uniform(4.6, 6.0)
+            inst = self.instance()
+            color = _jitter(rng, rgb, 0.1)
+            movers.append(Mover(s0, lat, walk, parts, label, inst, color, tex))
+        return movers

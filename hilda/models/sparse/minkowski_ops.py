@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import warnings
 
 import torch
 from torch import nn
@@ -14,7 +15,10 @@ for _name in ("Sequence", "Mapping", "MutableMapping", "Iterable", "Callable"):
     if not hasattr(collections, _name):
         setattr(collections, _name, getattr(collections.abc, _name))
 
-import MinkowskiEngine as ME  # noqa: E402
+with warnings.catch_warnings():
+    # A CPU build warns at every import (each Dask worker, each CLI): it says what we know.
+    warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
+    import MinkowskiEngine as ME
 
 
 class MinkowskiOps:

@@ -1,11 +1,13 @@
 """What every stage shares: opening the store, shard tasks, completion maps, provenance, and
-the two-phase writer of ragged (CSR) groups.
+the writer of ragged (CSR) groups.
 
-Ragged groups (points, pointmaps) are written in two phases so that no two workers ever
-write the same shard file: a *count* phase (per frame shard, nothing written) computes each
-frame's row count, the driver writes ``offsets``; a *write* phase (per row shard of the
-output) recomputes the rows of the frames that overlap its shard and writes exactly that
-shard. Both phases are cheap next to the I/O they avoid; reruns skip finished row shards.
+Ragged groups (points, pointmaps) are written so that no two workers ever write the same
+shard file and no frame is computed or read twice: a *compute* phase (one task per frame
+shard) computes the shard's rows and keeps them in a staging group of its own
+(``_staging/<group>/<shard>``, with each frame's row count); the driver then fixes
+``offsets`` from the counts; a *copy* phase (one task per row shard of the output) copies the
+staged rows that fall in its shard and writes exactly that shard. The staging group is removed
+once every row shard is written. Reruns skip staged frame shards and finished row shards.
 """
 
 from __future__ import annotations
@@ -148,31 +150,39 @@ def run_frame_shards(
     return skipped, results
 
 
+STAGING = "_staging"
+Rows = tuple[np.ndarray, ...] | str  # a frame's columns, or why it could not be computed
+
+
 def write_ragged(
     client: Any,
     group: zarr.Group,
     *,
-    count_fn: Callable[..., list[tuple[int, str | None]]],
-    write_fn: Callable[..., None],
-    count_args: Callable[[int, int], tuple],
-    write_args: Callable[[int, int, np.ndarray], tuple],
+    store: str,
+    columns: tuple[str, ...],
+    compute_fn: Callable[..., list[Rows]],
+    compute_args: Callable[[int, int], tuple],
     num_frames: int,
     frames_per_shard: int,
     skip_bad: bool,
     label: str,
     shard_rows: int = RAGGED_ROWS_PER_SHARD,
 ) -> np.ndarray:
-    """Count, fix ``offsets``, then write row shards. Returns the offsets (F+1,)."""
+    """Compute and stage every frame shard's rows (``compute_fn(*compute_args(f0, f1))``:
+    per frame its ``columns``, or an error), fix ``offsets``, then copy row shards. Returns
+    the offsets (F+1,)."""
+    staging = f"{STAGING}/{group.path}"
+    shards = frame_shards(num_frames, frames_per_shard)
     if not group.attrs.get("counted", False):
-        counts: list[tuple[int, str | None]] = [(0, None)] * num_frames
-        shards = frame_shards(num_frames, frames_per_shard)
-        tasks = [Task(i, b - a, count_args(a, b)) for i, (a, b) in enumerate(shards)]
-        results = run_tasks(
-            client, count_fn, tasks, label=f"{label} (count)", on_done=lambda t, r: None
-        )
-        for (a, _), res in zip(shards, results, strict=True):
-            counts[a : a + len(res)] = res
-        errors = {i: err for i, (_, err) in enumerate(counts) if err}
+        staged = _staged_shards(store, staging, len(shards))
+        tasks = [
+            Task(i, b - a, (store, f"{staging}/{i}", columns, compute_fn, compute_args(a, b)))
+            for i, (a, b) in enumerate(shards)
+            if not staged[i]
+        ]
+        if tasks:
+            run_tasks(client, stage_rows, tasks, label=f"{label} (compute)", on_done=_ignore)
+        counts, errors = _staged_counts(store, staging, shards)
         if errors and not skip_bad:
             first = next(iter(errors.values()))
             more = f" (and {len(errors) - 1} more bad frames)" if len(errors) > 1 else ""
@@ -180,10 +190,10 @@ def write_ragged(
                 f"{first}{more}; rerun with --skip-bad to record them as skipped and go on"
             )
         offsets = np.zeros(num_frames + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([0 if err else n for n, err in counts])
+        offsets[1:] = np.cumsum(counts)
         _resize_rows(group, int(offsets[-1]), shard_rows)
         group["offsets"][:] = offsets
-        group.attrs["skipped"] = {str(i): err for i, err in errors.items()}
+        group.attrs["skipped"] = {str(i): err for i, err in sorted(errors.items())}
         group.attrs["counted"] = True
     offsets = np.asarray(group["offsets"][:])
     rows = row_shards(int(offsets[-1]), shard_rows)
@@ -198,8 +208,9 @@ def write_ragged(
         )
         arr[:] = False
     done = done_map(group, "rows_done")
+    copy = (store, group.path, staging, columns, frames_per_shard)
     tasks = [
-        Task(i, _span(frame_rows(offsets, a, b)), write_args(a, b, offsets))
+        Task(i, _span(frame_rows(offsets, a, b)), (*copy, a, b, offsets))
         for i, (a, b) in enumerate(rows)
         if not done[i]
     ]
@@ -208,9 +219,91 @@ def write_ragged(
         def mark(task: Task, _: Any) -> None:
             group["rows_done"][task.key] = True
 
-        run_tasks(client, write_fn, tasks, label=f"{label} (write)", on_done=mark)
+        run_tasks(client, copy_rows, tasks, label=f"{label} (write)", on_done=mark)
     group["done"][:] = True
+    _remove_staging(store, staging)
     return offsets
+
+
+def _ignore(task: Task, result: Any) -> None:
+    """Staged shards mark themselves complete in the store."""
+
+
+def stage_rows(
+    store: str, path: str, columns: tuple[str, ...], fn: Callable[..., list[Rows]], args: tuple
+) -> None:
+    """Dask task: compute one frame shard's rows and write them, with each frame's row count
+    (-1: the frame's error, kept in the attrs), to the staging group ``path``."""
+    results = fn(*args)
+    g = zarr.open_group(store, path=path, mode="w")
+    for j, name in enumerate(columns):
+        parts = [r[j] for r in results if not isinstance(r, str)]
+        if parts:
+            data = np.concatenate(parts)
+            g.create_array(name, data=data, chunks=(max(1, len(data)), *data.shape[1:]))
+    counts = np.array([-1 if isinstance(r, str) else len(r[0]) for r in results], np.int64)
+    g.create_array("counts", data=counts, chunks=(max(1, len(counts)),))
+    errors = {str(i): r for i, r in enumerate(results) if isinstance(r, str)}
+    g.attrs.update({"errors": errors, "complete": True})  # last: the shard is staged
+
+
+def _staged_shards(store: str, staging: str, n: int) -> list[bool]:
+    try:
+        root = zarr.open_group(store, path=staging, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return [False] * n
+    names = set(root.group_keys())
+    return [str(i) in names and bool(root[str(i)].attrs.get("complete")) for i in range(n)]
+
+
+def _staged_counts(
+    store: str, staging: str, shards: list[tuple[int, int]]
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Rows per frame (0 for a bad frame) and the bad frames' errors."""
+    counts, errors = [], {}
+    for i, (a, _) in enumerate(shards):
+        g = zarr.open_group(store, path=f"{staging}/{i}", mode="r")
+        shard_counts = np.asarray(g["counts"][:])
+        errors |= {a + int(k): v for k, v in dict(g.attrs["errors"]).items()}
+        counts.append(np.maximum(shard_counts, 0))
+    return (np.concatenate(counts) if counts else np.zeros(0, np.int64)), errors
+
+
+def copy_rows(
+    store: str,
+    path: str,
+    staging: str,
+    columns: tuple[str, ...],
+    frames_per_shard: int,
+    start: int,
+    stop: int,
+    offsets: np.ndarray,
+) -> None:
+    """Dask task: write rows [start, stop) of every column (exactly one row shard) from the
+    staged rows of the frames they belong to."""
+    staged: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # shard -> (starts, columns)
+
+    def rows_of(f: int) -> list[np.ndarray]:
+        i, local = divmod(f, frames_per_shard)
+        if i not in staged:
+            g = zarr.open_group(store, path=f"{staging}/{i}", mode="r")
+            starts = np.concatenate([[0], np.cumsum(np.maximum(g["counts"][:], 0))])
+            staged[i] = (starts, [np.asarray(g[name][:]) for name in columns])
+        starts, cols = staged[i]
+        return [c[starts[local] : starts[local + 1]] for c in cols]
+
+    values = gather_rows(offsets, start, stop, rows_of)
+    group = zarr.open_group(store, path=path, mode="r+")
+    for name, column in zip(columns, values, strict=True):
+        group[name][start:stop] = column
+
+
+def _remove_staging(store: str, staging: str) -> None:
+    root = zarr.open_group(store, mode="r+")
+    if staging in root:
+        del root[staging]
+    if STAGING in root and not list(root[STAGING].members()):
+        del root[STAGING]
 
 
 def _resize_rows(group: zarr.Group, rows: int, shard_rows: int) -> None:

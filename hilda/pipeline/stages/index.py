@@ -15,7 +15,6 @@ from hilda.datasets.io import DatasetError, read_sweep
 from hilda.errors import HildaError
 from hilda.pipeline.stages.common import (
     StageOptions,
-    gather_rows,
     prepare_group,
     record_stage,
     stage_client,
@@ -72,37 +71,20 @@ def index_arrays(frames: list[Frame], cameras: list[str]) -> dict[str, np.ndarra
     return out
 
 
-def count_sweeps(paths: list[str], tokens: list[str]) -> list[tuple[int, str | None]]:
-    """Dask task: (points, error) per frame; reading validates every sweep."""
-    out: list[tuple[int, str | None]] = []
+def read_sweeps(paths: list[str], tokens: list[str]) -> list[tuple[np.ndarray] | str]:
+    """Dask task: per frame its (N, 4) sweep, or the error that names the bad file."""
+    out: list[tuple[np.ndarray] | str] = []
     for path, token in zip(paths, tokens, strict=True):
         try:
-            out.append((len(read_sweep(path, token)), None))
+            out.append((read_sweep(path, token),))
         except DatasetError as exc:
-            out.append((0, str(exc)))
+            out.append(str(exc))
     return out
 
 
-def write_points(
-    store: str, start: int, stop: int, offsets: np.ndarray, paths: list[str], tokens: list[str]
-) -> None:
-    """Dask task: write rows [start, stop) of points/data (exactly one row shard)."""
-    (data,) = gather_rows(offsets, start, stop, lambda f: (read_sweep(paths[f], tokens[f]),))
-    zarr.open_array(store, path="points/data", mode="r+")[start:stop] = data
-
-
-def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
-    reader = open_dataset(
-        cfg.dataset,
-        cfg.root,
-        version=cfg.version,
-        split=cfg.split,  # type: ignore[arg-type]
-        keyframe_every=cfg.keyframe_every,
-    )
-    frames = reader.frames
-    if not frames:
-        raise DatasetError(f"no keyframes in {cfg.dataset} {cfg.root} ({cfg.version}, {cfg.split})")
-    cameras = list(dict.fromkeys(c.name for f in frames for c in f.cameras))  # first-seen order
+def _open_or_init(cfg: IndexConfig, options: StageOptions) -> zarr.Group:
+    """The store to index into: the existing one when it was indexed with this config (a
+    resumed run), a new one when there is none or ``--overwrite``; another config is refused."""
     config = {k: v for k, v in asdict(cfg).items() if k != "store"}
     try:
         root = zarr.open_group(cfg.store, mode="r+")
@@ -119,7 +101,24 @@ def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
             cfg.store, dataset=cfg.dataset, version=cfg.version, split=cfg.split, overwrite=True
         )
         record_stage(root, "index", config)
+    return root
 
+
+def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
+    """The index stage: one row per keyframe (poses, calibration, neighbours, image paths)
+    and the keyframes' sweeps."""
+    reader = open_dataset(
+        cfg.dataset,
+        cfg.root,
+        version=cfg.version,
+        split=cfg.split,  # type: ignore[arg-type]
+        keyframe_every=cfg.keyframe_every,
+    )
+    frames = reader.frames
+    if not frames:
+        raise DatasetError(f"no keyframes in {cfg.dataset} {cfg.root} ({cfg.version}, {cfg.split})")
+    cameras = list(dict.fromkeys(c.name for f in frames for c in f.cameras))  # first-seen order
+    root = _open_or_init(cfg, options)
     dims = {"F": len(frames), "V": len(cameras)}
     index_attrs = {
         "cameras": cameras,
@@ -147,10 +146,10 @@ def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
         offsets = write_ragged(
             client,
             points,
-            count_fn=count_sweeps,
-            write_fn=write_points,
-            count_args=lambda a, b: (paths[a:b], tokens[a:b]),
-            write_args=lambda a, b, off: (cfg.store, a, b, off, paths, tokens),
+            store=cfg.store,
+            columns=("data",),
+            compute_fn=read_sweeps,
+            compute_args=lambda a, b: (paths[a:b], tokens[a:b]),
             num_frames=len(frames),
             frames_per_shard=cfg.frames_per_shard,
             skip_bad=options.skip_bad,

@@ -14,7 +14,6 @@ from hilda.pipeline.ops.projection import frame_pairs
 from hilda.pipeline.stages.common import (
     PointsBlock,
     StageOptions,
-    gather_rows,
     open_for_stage,
     prepare_group,
     record_stage,
@@ -75,22 +74,10 @@ class _FrameSource:
         )
 
 
-def count_pairs(cfg: PointmapConfig, f0: int, f1: int) -> list[tuple[int, str | None]]:
-    """Dask task: pair counts of frames [f0, f1)."""
+def compute_pairs(cfg: PointmapConfig, f0: int, f1: int) -> list[tuple[np.ndarray, ...]]:
+    """Dask task: (point, cam, uv, depth) pairs of each frame of [f0, f1)."""
     src = _FrameSource(cfg.store, f0, f1)
-    return [(len(src.pairs(f, cfg)[0]), None) for f in range(f0, f1)]
-
-
-def write_pairs(cfg: PointmapConfig, start: int, stop: int, offsets: np.ndarray) -> None:
-    """Dask task: write rows [start, stop) of every pointmaps array."""
-    from hilda.pipeline.stages.common import frame_rows
-
-    f0, f1 = frame_rows(offsets, start, stop)
-    src = _FrameSource(cfg.store, f0, max(f1, f0 + 1))
-    cols = gather_rows(offsets, start, stop, lambda f: src.pairs(f, cfg))
-    group = zarr.open_group(cfg.store, mode="r+", path="pointmaps")
-    for name, values in zip(("point", "cam", "uv", "depth"), cols, strict=True):
-        group[name][start:stop] = values
+    return [src.pairs(f, cfg) for f in range(f0, f1)]
 
 
 def run_pointmaps(cfg: PointmapConfig, options: StageOptions) -> dict[str, int]:
@@ -111,10 +98,10 @@ def run_pointmaps(cfg: PointmapConfig, options: StageOptions) -> dict[str, int]:
         offsets = write_ragged(
             client,
             group,
-            count_fn=count_pairs,
-            write_fn=write_pairs,
-            count_args=lambda a, b: (cfg, a, b),
-            write_args=lambda a, b, off: (cfg, a, b, off),
+            store=cfg.store,
+            columns=("point", "cam", "uv", "depth"),
+            compute_fn=compute_pairs,
+            compute_args=lambda a, b: (cfg, a, b),
             num_frames=num_frames,
             frames_per_shard=fps,
             skip_bad=options.skip_bad,

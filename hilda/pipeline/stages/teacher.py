@@ -6,7 +6,7 @@ world's known-semantics features (``hilda.models.oracle``) in the same layout in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -243,13 +243,8 @@ def extract_shard(
 
 
 def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
-    width, height = cfg.image_size
-    if width % PATCH or height % PATCH:
-        raise ConfigError(f"--image-size {width}x{height}: both sides must be multiples of {PATCH}")
-    if cfg.codec not in codecs.CODECS:
-        raise ConfigError(f"--codec {cfg.codec!r}: use one of {codecs.CODECS}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible to torch")
+    """The extract-teacher stage: patch features and CLS tokens of every camera image."""
+    _check_options(cfg)
     root = open_for_stage(cfg.store, require=("index",))
     info = teacher_info(cfg.teacher)
     if info.arch == ORACLE_ID:
@@ -267,7 +262,58 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     num_frames = int(index.attrs["num_frames"])
     fps = int(index.attrs["frames_per_shard"])
     dtype = codecs.storage_dtype(cfg.codec)
-    attrs = {
+    attrs = _group_attrs(cfg, info, blocks, dtype)
+    width, height = cfg.image_size
+    dims = {"F": num_frames, "V": len(index.attrs["cameras"])}
+    dims |= {"h": height // PATCH, "w": width // PATCH, "D": info.dim}
+    root.require_group("teacher")
+    spec = teacher_group(cfg.group_name(), blocks, dtype)
+    compressors = None
+    if cfg.codec == "bitround":
+        compressors = {f"layer_{b}": codecs.bitround_compressor() for b in blocks}
+    group = prepare_group(
+        root, spec, dims, fps, attrs, overwrite=options.overwrite, compressors=compressors
+    )
+    threads = max(1, (os.cpu_count() or 1) // max(1, options.cluster.workers))
+    cluster, resources = options.cluster, None
+    if cfg.device == "cuda":
+        cluster, resources = replace(cluster, gpu_workers=True), {"GPU": 1}
+    with stage_client(cfg.store, cluster) as client:
+        skipped, _ = run_frame_shards(
+            client,
+            group,
+            extract_shard,
+            lambda a, b: (cfg, a, b, options.skip_bad, threads),
+            num_frames=num_frames,
+            frames_per_shard=fps,
+            label=f"teacher {cfg.group_name()}",
+            resources=resources,
+        )
+    fidelity = codec_fidelity(group.attrs.get("shard_stats", {}))
+    group.attrs["codec_fidelity"] = fidelity
+    record_stage(root, f"teacher/{cfg.group_name()}", {**attrs, "layers": cfg.layers})
+    return {
+        "frames": num_frames,
+        "blocks": blocks,
+        "skipped": len(skipped),
+        "mean_cos": min((e["mean_cos"] for e in fidelity.values()), default=1.0),
+    }
+
+
+def _check_options(cfg: TeacherConfig) -> None:
+    width, height = cfg.image_size
+    if width % PATCH or height % PATCH:
+        raise ConfigError(f"--image-size {width}x{height}: both sides must be multiples of {PATCH}")
+    if cfg.codec not in codecs.CODECS:
+        raise ConfigError(f"--codec {cfg.codec!r}: use one of {codecs.CODECS}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to torch")
+
+
+def _group_attrs(cfg: TeacherConfig, info: TeacherInfo, blocks: list[int], dtype: str) -> dict:
+    """The teacher group's provenance: what was extracted, how, and how it is stored."""
+    width, height = cfg.image_size
+    return {
         "model_id": info.model_id,
         "random_init": info.random_init,
         "arch": info.arch,
@@ -289,42 +335,12 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
         "resize": "PIL draft + bicubic to image_size, ImageNet mean/std",
         "pos_embed_interpolation": info.pos_embed_interpolation,
     }
-    dims = {
-        "F": num_frames,
-        "V": len(index.attrs["cameras"]),
-        "h": height // PATCH,
-        "w": width // PATCH,
-        "D": info.dim,
-    }
-    root.require_group("teacher")
-    spec = teacher_group(cfg.group_name(), blocks, dtype)
-    compressors = None
-    if cfg.codec == "bitround":
-        compressors = {f"layer_{b}": codecs.bitround_compressor() for b in blocks}
-    group = prepare_group(
-        root, spec, dims, fps, attrs, overwrite=options.overwrite, compressors=compressors
-    )
-    threads = max(1, (os.cpu_count() or 1) // max(1, options.cluster.workers))
-    cluster = options.cluster
-    resources = None
-    if cfg.device == "cuda":
-        from dataclasses import replace
 
-        cluster = replace(cluster, gpu_workers=True)
-        resources = {"GPU": 1}
-    with stage_client(cfg.store, cluster) as client:
-        skipped, _ = run_frame_shards(
-            client,
-            group,
-            extract_shard,
-            lambda a, b: (cfg, a, b, options.skip_bad, threads),
-            num_frames=num_frames,
-            frames_per_shard=fps,
-            label=f"teacher {cfg.group_name()}",
-            resources=resources,
-        )
+
+def codec_fidelity(shard_stats: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    """Per block: mean and minimum token cosine of the stored features against the float32
+    ones, over every shard's [cosine sum, tokens, minimum]."""
     fidelity: dict[str, dict[str, float]] = {}
-    shard_stats = group.attrs.get("shard_stats", {})
     for shard in sorted(shard_stats, key=int):  # a fixed order: resumed runs sum identically
         for layer, (total, count, low) in shard_stats[shard].items():
             old = fidelity.get(layer, {"cos_sum": 0.0, "tokens": 0, "min_cos": 1.0})
@@ -335,14 +351,7 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
             }
     for entry in fidelity.values():
         entry["mean_cos"] = entry["cos_sum"] / max(entry["tokens"], 1)
-    group.attrs["codec_fidelity"] = fidelity
-    record_stage(root, f"teacher/{cfg.group_name()}", {**attrs, "layers": cfg.layers})
-    return {
-        "frames": num_frames,
-        "blocks": blocks,
-        "skipped": len(skipped),
-        "mean_cos": min((e["mean_cos"] for e in fidelity.values()), default=1.0),
-    }
+    return fidelity
 
 
 def _require_class_maps(root: zarr.Group) -> None:

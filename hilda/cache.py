@@ -1,0 +1,327 @@
+"""Reading a hilda cache: the one place that knows the store's paths on the read side.
+
+``CacheReader`` opens a store, checks its schema and that the groups it needs are complete and
+valid, picks a teacher group, and reads per-frame arrays through typed accessors. The trainer's
+dataset, the teacher centring, the evaluation, the figures and the benchmarks all read through
+it; ``hilda.data_schemas.store`` is the layout it reads.
+
+Every Zarr read costs a few milliseconds whatever its size (a round trip through Zarr's event
+loop), so the reader (1) opens each array once per process and keeps it, (2) reads the small
+per-frame arrays (offsets, poses, image sizes) whole, once per process, and (3) can gather any
+number of reads into one round trip (``gather``), which is how a training sample is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from hilda.data_schemas.store import SCHEMA, SCHEMA_VERSION, normalize_store
+from hilda.data_schemas.validate import validate_store
+from hilda.errors import HildaError
+from hilda.models.teacher import SIZES
+from hilda.pipeline.ops import codecs
+from hilda.pipeline.ops.occupancy import unpack
+
+STAGE_COMMANDS = {
+    "index": "hilda-prep index",
+    "points": "hilda-prep index",
+    "pointmaps": "hilda-prep build-pointmaps",
+    "occupancy": "hilda-prep build-occupancy",
+    "teacher": "hilda-prep extract-teacher",
+}
+# Small per-frame arrays: read whole, once per process.
+SMALL = (
+    "points/offsets",
+    "pointmaps/offsets",
+    "index/prev",
+    "index/lidar_to_ego",
+    "index/ego_to_global",
+    "index/image_size",
+    "occupancy/valid",
+)
+
+
+class CacheMismatchError(HildaError):
+    """The cache cannot serve this use; the message says which hilda-prep command fixes it."""
+
+
+@dataclass(frozen=True)
+class TeacherGroup:
+    """One ``teacher/<name>/`` group: what was extracted, and how it is stored."""
+
+    name: str
+    model_id: str
+    arch: str
+    dim: int
+    depth: int
+    blocks: tuple[int, ...]  # stored block indices (0-based), in ``cls``'s K order
+    int8: bool  # stored with the int8 codec (decoded on read)
+    registers: int
+    pos_embed_interpolation: str
+
+    def cls_index(self, block: int) -> int:
+        """Index of ``block``'s CLS token in ``cls`` (F, V, K, D)."""
+        return self.blocks.index(block)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A frame's point-pixel pairs."""
+
+    point: np.ndarray  # (Q,) int64 rows of the frame's points
+    cam: np.ndarray  # (Q,) int64 camera
+    uv: np.ndarray  # (Q, 2) float32 pixels of the original image
+
+    def take(self, rows: np.ndarray) -> Pairs:
+        return Pairs(self.point[rows], self.cam[rows], self.uv[rows])
+
+
+class CacheReader:
+    """A hilda cache opened for reading. ``require`` lists the groups that must be complete
+    (``teacher/<name>`` is checked by ``teacher()``). Handles are reopened in a forked
+    process (a DataLoader worker must not reuse its parent's)."""
+
+    def __init__(self, store: str, require: Sequence[str] = ("index", "points")) -> None:
+        self.store = normalize_store(store)
+        self._pid = -1
+        root = self.root
+        attrs = dict(root.attrs)
+        if attrs.get("schema") != SCHEMA or attrs.get("schema_version") != SCHEMA_VERSION:
+            raise CacheMismatchError(
+                f"{self.store} is schema {attrs.get('schema')!r} version "
+                f"{attrs.get('schema_version')}, this hilda reads {SCHEMA!r} version "
+                f"{SCHEMA_VERSION}: rebuild it with `hilda-prep index --overwrite --out "
+                f"{self.store} ...` and the later stages"
+            )
+        for group in require:
+            self.require(group)
+        validate_store(self.store, require=list(require))
+        self.cameras: list[str] = list(root["index"].attrs["cameras"])
+        self.frames = int(root["index/token"].shape[0])
+
+    # -- the store and its groups -------------------------------------------------------------
+
+    @property
+    def root(self) -> zarr.Group:
+        if self._pid != os.getpid():
+            try:
+                self._root = zarr.open_group(self.store, mode="r")
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                raise CacheMismatchError(
+                    f"no cache at {self.store}: build it with `hilda-prep index --out "
+                    f"{self.store} ...`"
+                ) from None
+            self._pid = os.getpid()
+            self._arrays: dict[str, zarr.Array] = {}
+            self._small: dict[str, np.ndarray] = {}
+        return self._root
+
+    def has(self, group: str) -> bool:
+        return group in self.root
+
+    def attrs(self, group: str) -> dict[str, Any]:
+        return dict(self.root[group].attrs)
+
+    def require(self, group: str) -> None:
+        """``group`` exists and every shard of it is complete, or a CacheMismatchError naming
+        the command that builds it."""
+        command = STAGE_COMMANDS[group.split("/")[0]]
+        if group not in self.root:
+            raise CacheMismatchError(
+                f"{self.store}: the cache has no {group}/; run `{command} --store "
+                f"{self.store}` first"
+            )
+        g = self.root[group]
+        if "done" in g:
+            done = np.asarray(g["done"][:], dtype=bool)
+            if not done.all():
+                raise CacheMismatchError(
+                    f"{self.store}: {group}/ is incomplete ({int(done.sum())} of {len(done)} "
+                    f"shards); rerun `{command} --store {self.store}` to finish it"
+                )
+
+    def skipped(self, group: str) -> set[int]:
+        """Frames a stage recorded as bad (``--skip-bad``)."""
+        if group not in self.root:
+            return set()
+        return {int(k) for k in self.attrs(group).get("skipped", {})}
+
+    # -- teachers -----------------------------------------------------------------------------
+
+    def teacher_names(self) -> list[str]:
+        return sorted(self.root["teacher"].group_keys()) if "teacher" in self.root else []
+
+    def teacher(self, name: str | None = None, arch: str | None = None) -> TeacherGroup:
+        """The teacher group ``name``, or the only one (of ``arch`` when given); complete."""
+        names = self.teacher_names()
+        hint = f"`hilda-prep extract-teacher --store {self.store} --teacher ... --layers lastK`"
+        if not names:
+            raise CacheMismatchError(f"{self.store}: the cache has no teacher features; run {hint}")
+        if name is None:
+            fits = [
+                n for n in names if arch is None or self.attrs(f"teacher/{n}").get("arch") == arch
+            ]
+            if len(fits) > 1:
+                raise CacheMismatchError(
+                    f"{self.store} holds several teachers ({', '.join(fits)}): choose one "
+                    "(data.teacher=NAME, --teacher NAME)"
+                )
+            name = fits[0] if fits else names[0]  # none of that arch: the caller says so
+        elif name not in names:
+            raise CacheMismatchError(
+                f"{self.store}: no teacher/{name}/ (present: {', '.join(names)}); run {hint} "
+                f"--name {name}"
+            )
+        self.require(f"teacher/{name}")
+        t = self.attrs(f"teacher/{name}")
+        arch_name = str(t.get("arch"))
+        depth = t.get("depth", SIZES[arch_name].depth if arch_name in SIZES else None)
+        if depth is None:
+            raise CacheMismatchError(
+                f"{self.store}: teacher/{name}/ has unknown arch {arch_name!r}"
+            )
+        return TeacherGroup(
+            name=name,
+            model_id=str(t.get("model_id")),
+            arch=arch_name,
+            dim=int(t["dim"]),
+            depth=int(depth),
+            blocks=tuple(int(b) for b in t["blocks"]),
+            int8=t.get("storage_dtype") == "int8",
+            registers=int(t.get("registers", 0) or 0),
+            pos_embed_interpolation=str(t.get("pos_embed_interpolation", "")),
+        )
+
+    # -- small per-frame arrays ---------------------------------------------------------------
+
+    def small(self, name: str) -> np.ndarray:
+        """A small per-frame array of ``SMALL``, read whole once per process."""
+        if name not in SMALL:
+            raise KeyError(f"{name} is not a small per-frame array")
+        self.root  # noqa: B018 (reopen in a forked process)
+        if name not in self._small:
+            self._small[name] = np.asarray(self._array(name)[:])
+        return self._small[name]
+
+    def index(self) -> dict[str, np.ndarray]:
+        """Every ``index/`` array, whole (calibration and poses of every frame)."""
+        group = self.root["index"]
+        return {k: np.asarray(group[k][:]) for k in group.array_keys()}
+
+    def token(self, f: int) -> str:
+        return str(self._array("index/token")[f])
+
+    def tokens(self) -> np.ndarray:
+        return np.asarray(self._array("index/token")[:])
+
+    def image_path(self, f: int, v: int) -> str:
+        return str(self._array("index/image_path")[f, v])
+
+    def point_count(self, f: int) -> int:
+        offsets = self.small("points/offsets")
+        return int(offsets[f + 1] - offsets[f])
+
+    def _array(self, name: str) -> zarr.Array:
+        self.root  # noqa: B018 (reopen in a forked process)
+        if name not in self._arrays:  # opening an array reads its metadata: once
+            self._arrays[name] = self._root[name]
+        return self._arrays[name]
+
+    # -- per-frame reads ----------------------------------------------------------------------
+    # Each ``*_reads`` method lists (array, selection) reads and a function that assembles their
+    # results; ``gather`` runs the reads of any number of them in one round trip.
+
+    def points_reads(self, f: int) -> Reads:
+        a, b = (int(x) for x in self.small("points/offsets")[f : f + 2])
+        return Reads(
+            [(self._array("points/data"), slice(a, b))],
+            lambda r: np.asarray(r[0], np.float32),  # (N, 4)
+        )
+
+    def pairs_reads(self, f: int) -> Reads:
+        a, b = (int(x) for x in self.small("pointmaps/offsets")[f : f + 2])
+        names = ("pointmaps/point", "pointmaps/cam", "pointmaps/uv")
+        return Reads(
+            [(self._array(n), slice(a, b)) for n in names],
+            lambda r: Pairs(
+                np.asarray(r[0], np.int64), np.asarray(r[1], np.int64), np.asarray(r[2], np.float32)
+            ),
+        )
+
+    def teacher_block_reads(
+        self, teacher: TeacherGroup, block: int, index: int | tuple[int, int]
+    ) -> Reads:
+        """Patch features of ``block`` at a frame ((V, h, w, D)) or (frame, camera) ((h, w,
+        D)): float16 as stored, or float32 decoded from int8."""
+        g = f"teacher/{teacher.name}/layer_{block}"
+        if not teacher.int8:
+            return Reads([(self._array(g), index)], lambda r: np.asarray(r[0]))
+        names = (g, f"{g}_scale", f"{g}_token_scale")
+        return Reads(
+            [(self._array(n), index) for n in names],
+            lambda r: codecs.decode(np.asarray(r[0]), (np.asarray(r[1]), np.asarray(r[2]))),
+        )
+
+    def cls_reads(self, teacher: TeacherGroup, f: int, block: int) -> Reads:
+        sel = (f, slice(None), teacher.cls_index(block))
+        arr = self._array(f"teacher/{teacher.name}/cls")
+        return Reads([(arr, sel)], lambda r: np.asarray(r[0], np.float32))  # (V, D)
+
+    def occupancy_reads(self, f: int) -> Reads:
+        arr = self._array("occupancy/bev")
+        return Reads([(arr, f)], lambda r: unpack(np.asarray(r[0])))  # (H, W) bool
+
+    def gather(self, *reads: Reads) -> list[Any]:
+        """Run every read of ``reads`` in one round trip; their assembled results in order."""
+        flat = [item for r in reads for item in r.items]
+        values = sync(_gather([arr.async_array.getitem(sel) for arr, sel in flat]))
+        out, i = [], 0
+        for r in reads:
+            out.append(r.assemble(values[i : i + len(r.items)]))
+            i += len(r.items)
+        return out
+
+    def points(self, f: int) -> np.ndarray:
+        return self.gather(self.points_reads(f))[0]
+
+    def pairs(self, f: int) -> Pairs:
+        return self.gather(self.pairs_reads(f))[0]
+
+    def teacher_block(
+        self, teacher: TeacherGroup, block: int, index: int | tuple[int, int]
+    ) -> np.ndarray:
+        return self.gather(self.teacher_block_reads(teacher, block, index))[0]
+
+    def cls(self, teacher: TeacherGroup, f: int, block: int) -> np.ndarray:
+        return self.gather(self.cls_reads(teacher, f, block))[0]
+
+    def occupancy(self, f: int) -> np.ndarray:
+        return self.gather(self.occupancy_reads(f))[0]
+
+
+@dataclass(frozen=True)
+class Reads:
+    """Reads of one value: (array, selection) items and how to assemble their results."""
+
+    items: list[tuple[zarr.Array, Any]]
+    assemble: Any  # Callable[[list[np.ndarray]], value]
+
+
+async def _gather(coros: list) -> list:
+    return list(await asyncio.gather(*coros))
+
+
+def evenly_spaced(n: int, fraction: float) -> np.ndarray:
+    """Indices of round(n * fraction) (at least 1) of 0..n-1, spread evenly (sorted)."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    k = min(n, max(1, round(n * fraction)))
+    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(np.int64))
