@@ -2,16 +2,29 @@
 online path on the same frames (read both sweeps, decode and resize the 12 images, project
 and occlusion-filter the point-pixel pairs, read the t+1 sweep and rasterise its occupancy;
 teacher excluded), and the online path with the teacher's forward on CPU included. One
-process on one thread; ratios from the same run. Prints a table; not a test.
+process on one thread; ratios from the same run. Prints tables; not a test.
 
     .venv/bin/python benchmarks/loader_throughput.py [--store out/demo/cache.zarr] [--rounds 2]
+        [--real-jpegs DIR]
+
+The synthetic world's images are 640x360. With ``--real-jpegs`` (default: the real nuScenes
+keyframe beside the checkout, ``../shared/realdata/nuscenes-keyframe``, when present) the
+online path also runs on real 1600x900 nuScenes JPEGs: each frame's camera reads the real
+keyframe's image of that camera instead of the synthetic one (the cache path reads the same
+stored features either way). It also reports Zarr round trips per cached sample, where the
+cache path's time goes (a profile summary), and the CPU decode of one real frame's six
+JPEGs with 1 and 2 threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
+import io
+import pstats
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +47,9 @@ class Online:
     """One training sample computed from the raw dataset files, as a trainer without the
     cache would (the same augmentation and alignment as the cached path)."""
 
-    def __init__(self, store: str, cfg: TrainConfig, teacher: bool) -> None:
+    def __init__(
+        self, store: str, cfg: TrainConfig, teacher: bool, jpegs: dict[str, str] | None = None
+    ) -> None:
         reader = CacheReader(store, ["index", "occupancy"])
         self.index = reader.index()
         occ = reader.attrs("occupancy")
@@ -42,6 +57,9 @@ class Online:
         self.occ = OccupancyConfig(grid=int(grid), cell=float(occ["cell"]))
         t = reader.teacher()
         self.image_size = tuple(reader.attrs(f"teacher/{t.name}")["image_size"])
+        if jpegs is not None:  # every frame's camera reads the real keyframe's image
+            real = [jpegs[c] for c in reader.cameras]
+            self.index["image_path"] = np.array([real] * len(self.index["image_path"]))
         self.cfg = cfg
         self.visible = functools.partial(visible_mask, rule=PointmapConfig(store=store).rule)
         self.teacher = None
@@ -93,10 +111,61 @@ def rate(fn, items: list, rounds: int) -> float:
     return rounds * len(items) / (time.perf_counter() - start)
 
 
+def real_jpegs(path: Path) -> dict[str, str] | None:
+    """Camera name -> the real keyframe's JPEG of that camera (None when absent)."""
+    files = sorted(path.glob("*__CAM_*__*.jpg")) if path.is_dir() else []
+    return {f.name.split("__")[1]: str(f) for f in files} or None
+
+
+def round_trips(reader: CacheReader, fn) -> int:
+    """Zarr round trips (``CacheReader.gather`` calls) made by ``fn()``."""
+    calls, gather = [0], reader.gather
+
+    def counting(*reads):
+        calls[0] += 1
+        return gather(*reads)
+
+    reader.gather = counting
+    try:
+        fn()
+    finally:
+        del reader.gather
+    return calls[0]
+
+
+def profile_summary(fn, items: list, top: int = 8) -> str:
+    """The functions the cache path spends its time in (cumulative, this process)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for item in items:
+        fn(*item)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    return "\n".join(lines[start : start + top + 1])
+
+
+def decode_rates(jpegs: dict[str, str], size: tuple[int, int], repeats: int = 5) -> list[float]:
+    """Frames/s of decoding + resizing one frame's six real JPEGs, with 1 and 2 threads."""
+    paths = list(jpegs.values())
+    out = []
+    for threads in (1, 2):
+        load_images(paths, size, "bench", threads)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            load_images(paths, size, "bench", threads)
+        out.append(repeats / (time.perf_counter() - start))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", default="out/demo/cache.zarr")
     ap.add_argument("--rounds", type=int, default=2)
+    here = Path(__file__).resolve().parents[2] / "shared/realdata/nuscenes-keyframe"
+    ap.add_argument("--real-jpegs", type=Path, default=here)
     args = ap.parse_args()
     torch.set_num_threads(1)  # per core
     grid = CacheReader(args.store, ["occupancy"]).attrs("occupancy")["grid"]
@@ -117,15 +186,32 @@ def main() -> None:
     results["online, teacher excluded"] = rate(
         lambda f, p, k: online.sample(f, p, k), items, args.rounds
     )
+    jpegs = real_jpegs(args.real_jpegs)
+    if jpegs is not None:
+        real = Online(args.store, cfg, teacher=False, jpegs=jpegs)
+        results["online, teacher excluded, real 1600x900 JPEGs"] = rate(
+            lambda f, p, k: real.sample(f, p, k), items, args.rounds
+        )
     online_t = Online(args.store, cfg, teacher=True)
     results["online + teacher forward (CPU)"] = rate(
         lambda f, p, k: online_t.sample(f, p, k), items, 1
     )
     base = results["cache (teacher features read)"]
+    trips = round_trips(ds.reader, lambda: ds[(0, 0)])
     print(f"{len(items)} samples (t-1, t0, t+1) of {args.store}, 1 thread")
+    print(f"Zarr round trips per cached sample: {trips}")
     print("| path | samples/s per core | cache / path |\n|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r:.2f} | {base / r:.1f}x |")
+    print("\nwhere the cache path's time goes (top functions by own time):")
+    print(profile_summary(cached, items))
+    if jpegs is not None:
+        one, two = decode_rates(jpegs, online.image_size)
+        print(
+            f"\nCPU decode + resize of one real frame's {len(jpegs)} JPEGs (1600x900 -> "
+            f"{online.image_size[0]}x{online.image_size[1]}): 1 thread {one:.2f} frames/s, "
+            f"2 threads {two:.2f} frames/s ({two / one:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -102,6 +102,26 @@ def test_one_and_two_workers_give_identical_stores(
     assert array_files(two) == array_files(nusc_store)
 
 
+def test_prep_all_equals_the_single_stages(
+    nusc_cfg: SyntheticConfig, nusc_store: Path, tmp_path: Path
+) -> None:
+    """``hilda-prep all`` (one shared cluster of 2 workers) writes the store the four single
+    stages write, and a rerun finds nothing left to do."""
+    from typer.testing import CliRunner
+
+    from hilda.cli.prep import app
+
+    store = tmp_path / "all.zarr"
+    args = ["all", "--out", str(store), "--root", str(nusc_cfg.out), "--frames-per-shard", "2"]
+    args += ["--teacher", "random:vits14", "--layers", "last2", "--image-size", "112x56"]
+    args += ["--name", "vits", "--grid", "256", "--workers", "2"]
+    for _ in range(2):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert array_files(store) == array_files(nusc_store)
+    assert "teacher/vits" in result.output and "occupancy" in result.output
+
+
 def test_store_given_as_url(nusc_cfg: SyntheticConfig, nusc_store: Path, tmp_path: Path) -> None:
     reference = arrays(str(nusc_store))
     for url in (f"memory://hilda-{uuid.uuid4().hex}", f"file://{tmp_path / 'url.zarr'}"):

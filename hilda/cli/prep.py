@@ -100,12 +100,10 @@ def make_synthetic_cmd(
 @app.command("frames")
 @fail_cleanly
 def frames_cmd(
-    dataset: Annotated[str, typer.Option(help="nuscenes or av2")] = "nuscenes",
-    root: Annotated[Path, typer.Option(help="dataset root")] = Path("out/synthetic"),
-    version: Annotated[str, typer.Option(help="nuScenes version folder")] = "v1.0-mini",
-    split: Annotated[
-        str, typer.Option(help="nuScenes: all or a devkit split; AV2: split folder")
-    ] = "all",
+    dataset: DatasetName = "nuscenes",
+    root: Root = Path("out/synthetic"),
+    version: Version = "v1.0-mini",
+    split: Split = "all",
     keyframe_every: Annotated[int, typer.Option(min=1, help="AV2: sweeps per keyframe")] = 5,
     load: Annotated[bool, typer.Option(help="also read every sweep and label file")] = True,
 ) -> None:
@@ -191,23 +189,39 @@ Workers = Annotated[int, typer.Option(min=1, help="local Dask workers (processes
 Scheduler = Annotated[str | None, typer.Option(help="address of an existing Dask scheduler")]
 Overwrite = Annotated[bool, typer.Option(help="redo the stage from scratch")]
 SkipBad = Annotated[bool, typer.Option(help="record bad frames as skipped and go on")]
+Teacher = Annotated[
+    str,
+    typer.Option(
+        help="HF id, local dir, dinov2_*_pretrain.pth, random:vits14, or oracle (synthetic "
+        "worlds only: known-semantics features from the rendered class maps)"
+    ),
+]
+Layers = Annotated[str, typer.Option(help="lastK or block indices, e.g. last2 or 10,11")]
+ImageSize = Annotated[str, typer.Option(help="WxH fed to the teacher (multiples of 14)")]
+Codec = Annotated[str, typer.Option(help="float16 | bitround | int8")]
+Device = Annotated[str, typer.Option(help="cpu or cuda")]
+Grid = Annotated[int, typer.Option(help="BEV cells per side")]
+Cell = Annotated[float, typer.Option(help="metres per cell (8 x 0.05 m voxels)")]
 Store = Annotated[
     str, typer.Option(help="store: a folder or an fsspec URL (s3://, memory://, ...)")
 ]
+DatasetName = Annotated[str, typer.Option(help="nuscenes or av2")]
+Root = Annotated[Path, typer.Option(help="dataset root")]
+Version = Annotated[str, typer.Option(help="nuScenes version folder")]
+Split = Annotated[str, typer.Option(help="nuScenes: all or a devkit split; AV2: split folder")]
+FramesPerShard = Annotated[int, typer.Option(min=1, help="frames per shard file")]
 
 
 @app.command("index")
 @fail_cleanly
 def index_cmd(
     out: Store,
-    dataset: Annotated[str, typer.Option(help="nuscenes or av2")] = "nuscenes",
-    root: Annotated[Path, typer.Option(help="dataset root")] = Path("out/synthetic"),
-    version: Annotated[str, typer.Option(help="nuScenes version folder")] = "v1.0-mini",
-    split: Annotated[
-        str, typer.Option(help="nuScenes: all or a devkit split; AV2: split folder")
-    ] = "all",
+    dataset: DatasetName = "nuscenes",
+    root: Root = Path("out/synthetic"),
+    version: Version = "v1.0-mini",
+    split: Split = "all",
     keyframe_every: Annotated[int, typer.Option(min=1, help="AV2: sweeps per keyframe")] = 5,
-    frames_per_shard: Annotated[int, typer.Option(min=1, help="frames per shard file")] = 32,
+    frames_per_shard: FramesPerShard = 32,
     workers: Workers = 1,
     scheduler: Scheduler = None,
     overwrite: Overwrite = False,
@@ -258,8 +272,8 @@ def build_pointmaps_cmd(
 @fail_cleanly
 def build_occupancy_cmd(
     store: Store,
-    grid: Annotated[int, typer.Option(help="BEV cells per side")] = 512,
-    cell: Annotated[float, typer.Option(help="metres per cell (8 x 0.05 m voxels)")] = 0.4,
+    grid: Grid = 512,
+    cell: Cell = 0.4,
     min_height: Annotated[
         float, typer.Option(help="keep points this high above the ground")
     ] = 0.25,
@@ -287,25 +301,15 @@ def build_occupancy_cmd(
 @fail_cleanly
 def extract_teacher_cmd(
     store: Store,
-    teacher: Annotated[
-        str,
-        typer.Option(
-            help="HF id, local dir, dinov2_*_pretrain.pth, random:vits14, or oracle (synthetic "
-            "worlds only: known-semantics features from the rendered class maps)"
-        ),
-    ] = "random:vits14",
-    layers: Annotated[
-        str, typer.Option(help="lastK or block indices, e.g. last2 or 10,11")
-    ] = "last2",
-    image_size: Annotated[
-        str, typer.Option(help="WxH fed to the teacher (multiples of 14)")
-    ] = "448x224",
+    teacher: Teacher = "random:vits14",
+    layers: Layers = "last2",
+    image_size: ImageSize = "448x224",
     norm: Annotated[
         bool, typer.Option(help="apply the final LayerNorm to each block output")
     ] = True,
-    codec: Annotated[str, typer.Option(help="float16 | bitround | int8")] = "float16",
+    codec: Codec = "float16",
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 6,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Device = "cpu",
     name: Annotated[str | None, typer.Option(help="group name under teacher/")] = None,
     workers: Workers = 1,
     scheduler: Scheduler = None,
@@ -330,6 +334,52 @@ def extract_teacher_cmd(
         cfg, _stage_options(workers, scheduler, overwrite, skip_bad, gpu=device == "cuda")
     )
     _report(f"teacher/{cfg.group_name()}", store, summary)
+
+
+@app.command("all")
+@fail_cleanly
+def all_cmd(
+    out: Store,
+    dataset: DatasetName = "nuscenes",
+    root: Root = Path("out/synthetic"),
+    version: Version = "v1.0-mini",
+    split: Split = "all",
+    frames_per_shard: FramesPerShard = 32,
+    teacher: Teacher = "random:vits14",
+    layers: Layers = "last2",
+    image_size: ImageSize = "448x224",
+    codec: Codec = "float16",
+    device: Device = "cpu",
+    name: Annotated[str | None, typer.Option(help="teacher group name")] = None,
+    grid: Grid = 512,
+    cell: Cell = 0.4,
+    workers: Workers = 1,
+    scheduler: Scheduler = None,
+    overwrite: Overwrite = False,
+    skip_bad: SkipBad = False,
+) -> None:
+    """Every stage in order on one Dask cluster: index, build-pointmaps, extract-teacher,
+    build-occupancy (the single commands' defaults for the rest). Resumable."""
+    from hilda.pipeline.ops.occupancy import OccupancyConfig
+    from hilda.pipeline.stages.index import IndexConfig
+    from hilda.pipeline.stages.occupancy import OccupancyStageConfig
+    from hilda.pipeline.stages.pointmaps import PointmapConfig
+    from hilda.pipeline.stages.prepare import PrepareConfig, run_all
+    from hilda.pipeline.stages.teacher import TeacherConfig
+
+    cfg = PrepareConfig(
+        index=IndexConfig(
+            dataset, str(root), out, version, split, frames_per_shard=frames_per_shard
+        ),
+        pointmaps=PointmapConfig(out),
+        teacher=TeacherConfig(
+            out, teacher, layers, parse_size(image_size), codec=codec, device=device, name=name
+        ),
+        occupancy=OccupancyStageConfig(out, OccupancyConfig(grid=grid, cell=cell)),
+    )
+    options = _stage_options(workers, scheduler, overwrite, skip_bad, gpu=device == "cuda")
+    for stage, summary in run_all(cfg, options).items():
+        _report(stage, out, summary)
 
 
 @app.command("info")

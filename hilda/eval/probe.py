@@ -70,16 +70,8 @@ def _optimizer(model: Segmenter, cfg: SegConfig, total: int):
 def optimizer_for(groups: list[dict], cfg: SegConfig, total: int):
     """AdamW over parameter ``groups`` (each with its peak ``lr``) and a OneCycle schedule of
     ``total`` steps."""
-    o = cfg.optim
-    optimizer = build_optimizer(groups, o.weight_decay)
-    scheduler = build_scheduler(
-        optimizer,
-        total,
-        pct_start=o.pct_start,
-        div_factor=o.div_factor,
-        final_div_factor=o.final_div_factor,
-    )
-    return optimizer, scheduler
+    optimizer = build_optimizer(groups, cfg.optim.weight_decay)
+    return optimizer, build_scheduler(optimizer, total, cfg.optim)
 
 
 def _cached_batches(

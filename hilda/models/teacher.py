@@ -402,11 +402,17 @@ class MultiLayerTeacher(nn.Module):
         return patches, tokens[:, :, 0]
 
 
-def preprocess(images: list[np.ndarray]) -> torch.Tensor:
-    """(H, W, 3) uint8 images already at the target size -> (B, 3, H, W) ImageNet-normalised."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+def preprocess(
+    images: list[np.ndarray] | list[torch.Tensor], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Images already at the target size, (H, W, 3) uint8 arrays or (3, H, W) uint8 tensors
+    (e.g. decoded on the GPU) -> (B, 3, H, W) ImageNet-normalised on ``device``."""
+    if isinstance(images[0], torch.Tensor):
+        x = torch.stack(images).to(device).float() / 255.0
+    else:
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

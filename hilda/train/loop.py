@@ -294,14 +294,7 @@ class TrainRun:
         optimizer = build_optimizer(
             [{"params": model.parameters(), "lr": o.lr}], o.weight_decay, o.betas
         )
-        scheduler = build_scheduler(
-            optimizer,
-            total,
-            pct_start=o.pct_start,
-            div_factor=o.div_factor,
-            final_div_factor=o.final_div_factor,
-            anneal=o.anneal,
-        )
+        scheduler = build_scheduler(optimizer, total, o)
         fp16 = o.amp and device.type == "cuda" and o.amp_dtype == "float16"
         scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # bf16 needs no scaling
         return cls(cfg, model, net, device, optimizer, scheduler, scaler, world, total, per_epoch)

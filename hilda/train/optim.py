@@ -5,7 +5,7 @@ OneCycle schedule stepped once per optimiser step."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Protocol
 
 import torch
 
@@ -19,24 +19,27 @@ def build_optimizer(
     return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay)
 
 
+class OneCycleSettings(Protocol):
+    """The schedule fields of a config's ``optim`` section (trainer and evaluation alike)."""
+
+    pct_start: float
+    div_factor: float
+    final_div_factor: float
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    total: int,
-    *,
-    pct_start: float,
-    div_factor: float,
-    final_div_factor: float,
-    anneal: Literal["cos", "linear"] = "cos",
+    optimizer: torch.optim.Optimizer, total: int, o: OneCycleSettings
 ) -> torch.optim.lr_scheduler.OneCycleLR:
-    """OneCycle over ``total`` steps peaking at each group's ``lr``."""
+    """OneCycle over ``total`` steps peaking at each group's ``lr`` (cosine unless the
+    settings have ``anneal``)."""
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=[g["lr"] for g in optimizer.param_groups],
         total_steps=total,
-        pct_start=pct_start,
-        anneal_strategy=anneal,
-        div_factor=div_factor,
-        final_div_factor=final_div_factor,
+        pct_start=o.pct_start,
+        anneal_strategy=getattr(o, "anneal", "cos"),
+        div_factor=o.div_factor,
+        final_div_factor=o.final_div_factor,
     )
 
 

@@ -6,15 +6,17 @@ world's known-semantics features (``hilda.models.oracle``) in the same layout in
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import zarr
 
 from hilda.data_schemas.store import normalize_store, teacher_group
-from hilda.datasets.io import DatasetError, read_class_map, read_image
+from hilda.datasets.io import DatasetError, read_class_map, read_image, require_file
 from hilda.errors import ConfigError
 from hilda.models.oracle import ORACLE_ID, OracleSpec, OracleTeacher
 from hilda.models.teacher import (
@@ -112,14 +114,53 @@ def _teacher(cfg: TeacherConfig) -> tuple[Teacher, TeacherInfo, torch.device]:
     return _CACHE[key]
 
 
-def load_images(paths: list[str], size: tuple[int, int], frame: str) -> list[np.ndarray]:
-    """Decode (libjpeg draft mode to near the target size) and resize to ``size`` (W, H)."""
+def load_images(
+    paths: list[str], size: tuple[int, int], frame: str, threads: int = 1
+) -> list[np.ndarray]:
+    """Decode (libjpeg draft mode to near the target size) and resize to ``size`` (W, H),
+    ``threads`` images at a time (libjpeg and PIL's resize release the GIL)."""
     from PIL import Image
 
-    out = []
-    for path in paths:
+    def one(path: str) -> np.ndarray:
         img = read_image(path, frame, draft=size)
-        out.append(np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8))
+        return np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
+
+    if threads <= 1 or len(paths) <= 1:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        return list(pool.map(one, paths))
+
+
+def cuda_decode_available(device: str) -> bool:
+    """JPEG decoding on the GPU: CUDA and torchvision's nvjpeg decoder."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_images_cuda(
+    paths: list[str], size: tuple[int, int], frame: str, device: torch.device
+) -> list[torch.Tensor]:
+    """Decode on the GPU (nvjpeg) and resize to ``size`` (W, H) with antialiased bicubic;
+    (3, H, W) uint8 CUDA tensors."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    for path in paths:
+        require_file(path, "camera image", frame)
+    try:
+        data = [read_file(p) for p in paths]
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        raise DatasetError(f"corrupt image ({exc}) in frame {frame}: {paths}") from None
+    w, h = size
+    out = []
+    for img in images:  # (3, H0, W0) uint8
+        x = F.interpolate(img[None].float(), (h, w), mode="bicubic", antialias=True)
+        out.append(x[0].round().clamp(0, 255).to(torch.uint8))
     return out
 
 
@@ -142,16 +183,27 @@ class _Decoded:
 
 
 def _decode(
-    cfg: TeacherConfig, tokens: np.ndarray, paths: np.ndarray, f0: int, skip_bad: bool
+    cfg: TeacherConfig,
+    tokens: np.ndarray,
+    paths: np.ndarray,
+    f0: int,
+    skip_bad: bool,
+    threads: int,
+    device: torch.device,
 ) -> _Decoded:
     """Every present image of the shard's frames (and its class map for the oracle); a bad
-    frame is an error naming it, or recorded as skipped with ``skip_bad``."""
+    frame is an error naming it, or recorded as skipped with ``skip_bad``. On CUDA with
+    torchvision the JPEGs are decoded on the GPU, else by ``threads`` threads."""
     out = _Decoded([], [], [], {})
+    on_gpu = device.type == "cuda" and cuda_decode_available("cuda")
     for i in range(len(paths)):
         present = [j for j in range(paths.shape[1]) if paths[i, j]]
         files = [str(paths[i, j]) for j in present]
         try:
-            images = load_images(files, cfg.image_size, str(tokens[i]))
+            if on_gpu:
+                images = load_images_cuda(files, cfg.image_size, str(tokens[i]), device)
+            else:
+                images = load_images(files, cfg.image_size, str(tokens[i]), threads)
             maps = (
                 load_class_maps(files, cfg.image_size, str(tokens[i]))
                 if cfg.teacher == ORACLE_ID
@@ -180,7 +232,7 @@ def _forward(
         if isinstance(teacher, OracleTeacher):
             patches, cls = teacher(images, decoded.class_maps[s : s + cfg.batch_size])
         else:
-            batch = preprocess(images).to(device)
+            batch = preprocess(images, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 p, c = teacher(batch)  # (B, K, h, w, D), (B, K, D)
             patches, cls = p.float().cpu().numpy(), c.float().cpu().numpy()
@@ -232,7 +284,7 @@ def extract_shard(
     width, height = cfg.image_size
     n, v = paths.shape
     k, h, w, dim = len(teacher.blocks), height // PATCH, width // PATCH, info.dim
-    decoded = _decode(cfg, tokens, paths, f0, skip_bad)
+    decoded = _decode(cfg, tokens, paths, f0, skip_bad, threads, device)
     feats = np.zeros((n, v, k, h, w, dim), dtype=np.float32)  # skipped frames stay zero
     cls = np.zeros((n, v, k, dim), dtype=np.float32)
     for (i, j), (p, c) in zip(decoded.where, _forward(cfg, teacher, device, decoded), strict=True):
@@ -332,7 +384,9 @@ def _group_attrs(cfg: TeacherConfig, info: TeacherInfo, blocks: list[int], dtype
         if cfg.codec != "bitround"
         else f"bitround keepbits={codecs.BITROUND_KEEPBITS}",
         "storage_dtype": dtype,
-        "resize": "PIL draft + bicubic to image_size, ImageNet mean/std",
+        "resize": "nvjpeg + antialiased bicubic to image_size, ImageNet mean/std"
+        if cuda_decode_available(cfg.device)
+        else "PIL draft + bicubic to image_size, ImageNet mean/std",
         "pos_embed_interpolation": info.pos_embed_interpolation,
     }
 

@@ -1,0 +1,68 @@
+"""``hilda-prep all``: every stage in order (index, pointmaps, teacher, occupancy) on one Dask
+cluster, each resumable as when run alone (finished shards are skipped on a rerun)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from hilda.pipeline.runner import ClusterConfig
+from hilda.pipeline.stages.common import StageOptions
+from hilda.pipeline.stages.index import IndexConfig, run_index
+from hilda.pipeline.stages.occupancy import OccupancyStageConfig, run_occupancy
+from hilda.pipeline.stages.pointmaps import PointmapConfig, run_pointmaps
+from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """One configuration per stage; they all name the same store."""
+
+    index: IndexConfig
+    pointmaps: PointmapConfig
+    teacher: TeacherConfig
+    occupancy: OccupancyStageConfig
+
+    def __post_init__(self) -> None:
+        stores = {self.index.store, self.pointmaps.store, self.teacher.store, self.occupancy.store}
+        if len(stores) != 1:
+            raise ValueError(f"the stages name different stores: {sorted(stores)}")
+
+
+@contextlib.contextmanager
+def shared_cluster(cluster: ClusterConfig, store: str, gpu: bool) -> Iterator[ClusterConfig]:
+    """One local cluster for every stage (its start is paid once), or the given scheduler.
+    memory:// stores keep their per-stage in-process workers."""
+    if cluster.scheduler is not None or store.startswith("memory://"):
+        yield cluster
+        return
+    import os
+
+    from distributed import LocalCluster
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    kwargs: dict[str, Any] = {"resources": {"GPU": 1}} if gpu else {}
+    with LocalCluster(
+        n_workers=cluster.workers,
+        threads_per_worker=1,
+        dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+        **kwargs,
+    ) as local:
+        yield replace(cluster, scheduler=local.scheduler_address, gpu_workers=gpu)
+
+
+def run_all(cfg: PrepareConfig, options: StageOptions) -> dict[str, dict[str, Any]]:
+    """Every stage in order; returns each stage's summary."""
+    gpu = cfg.teacher.device == "cuda"
+    with shared_cluster(options.cluster, cfg.index.store, gpu) as cluster:
+        opts = replace(options, cluster=cluster)
+        return {
+            "index": run_index(cfg.index, opts),
+            "pointmaps": run_pointmaps(cfg.pointmaps, opts),
+            f"teacher/{cfg.teacher.group_name()}": run_teacher(cfg.teacher, opts),
+            "occupancy": run_occupancy(cfg.occupancy, opts),
+        }
