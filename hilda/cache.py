@@ -37,16 +37,6 @@ STAGE_COMMANDS = {
     "occupancy": "hilda-prep build-occupancy",
     "teacher": "hilda-prep extract-teacher",
 }
-# Small per-frame arrays: read whole, once per process.
-SMALL = (
-    "points/offsets",
-    "pointmaps/offsets",
-    "index/prev",
-    "index/lidar_to_ego",
-    "index/ego_to_global",
-    "index/image_size",
-    "occupancy/valid",
-)
 
 
 class CacheMismatchError(HildaError):
@@ -202,14 +192,46 @@ class CacheReader:
 
     # -- small per-frame arrays ---------------------------------------------------------------
 
-    def small(self, name: str) -> np.ndarray:
+    def _whole(self, name: str) -> np.ndarray:
         """A small per-frame array of ``SMALL``, read whole once per process."""
-        if name not in SMALL:
-            raise KeyError(f"{name} is not a small per-frame array")
         self.root  # noqa: B018 (reopen in a forked process)
         if name not in self._small:
             self._small[name] = np.asarray(self._array(name)[:])
         return self._small[name]
+
+    def point_offsets(self) -> np.ndarray:
+        """(F+1,) int64: frame f's points are rows [o[f], o[f+1]) of ``points/data``."""
+        return self._whole("points/offsets")
+
+    def pair_offsets(self) -> np.ndarray:
+        """(F+1,) int64: frame f's point-pixel pairs are rows [o[f], o[f+1])."""
+        return self._whole("pointmaps/offsets")
+
+    def prev(self) -> np.ndarray:
+        """(F,) the previous keyframe of each frame (-1: none)."""
+        return self._whole("index/prev")
+
+    def lidar_to_ego(self) -> np.ndarray:
+        """(F, 4, 4) float64."""
+        return self._whole("index/lidar_to_ego")
+
+    def ego_to_global(self) -> np.ndarray:
+        """(F, 4, 4) float64 at the LiDAR timestamp."""
+        return self._whole("index/ego_to_global")
+
+    def image_sizes(self) -> np.ndarray:
+        """(F, V, 2) int32 (width, height) of every original image."""
+        return self._whole("index/image_size")
+
+    def occupancy_valid(self) -> np.ndarray:
+        """(F,) bool: the frame has a t+1 occupancy target."""
+        return self._whole("occupancy/valid")
+
+    def skipped_frames(self, teacher: str | None = None) -> set[int]:
+        """Frames any stage (and teacher group ``teacher``) recorded as bad."""
+        groups = ["points", "pointmaps", "occupancy"]
+        groups += [f"teacher/{teacher}"] if teacher else []
+        return set().union(*(self.skipped(g) for g in groups))
 
     def index(self) -> dict[str, np.ndarray]:
         """Every ``index/`` array, whole (calibration and poses of every frame)."""
@@ -226,7 +248,7 @@ class CacheReader:
         return str(self._array("index/image_path")[f, v])
 
     def point_count(self, f: int) -> int:
-        offsets = self.small("points/offsets")
+        offsets = self.point_offsets()
         return int(offsets[f + 1] - offsets[f])
 
     def _array(self, name: str) -> zarr.Array:
@@ -240,14 +262,14 @@ class CacheReader:
     # results; ``gather`` runs the reads of any number of them in one round trip.
 
     def points_reads(self, f: int) -> Reads:
-        a, b = (int(x) for x in self.small("points/offsets")[f : f + 2])
+        a, b = (int(x) for x in self.point_offsets()[f : f + 2])
         return Reads(
             [(self._array("points/data"), slice(a, b))],
             lambda r: np.asarray(r[0], np.float32),  # (N, 4)
         )
 
     def pairs_reads(self, f: int) -> Reads:
-        a, b = (int(x) for x in self.small("pointmaps/offsets")[f : f + 2])
+        a, b = (int(x) for x in self.pair_offsets()[f : f + 2])
         names = ("pointmaps/point", "pointmaps/cam", "pointmaps/uv")
         return Reads(
             [(self._array(n), slice(a, b)) for n in names],

@@ -65,7 +65,7 @@ def read_camera_view(
     if len(points) == 0:
         raise HildaError(f"{reader.store}: frame {frame} ({token}) was skipped and has no points")
     mine = pairs.cam == v
-    w, h = (int(x) for x in reader.small("index/image_size")[frame, v])
+    w, h = (int(x) for x in reader.image_sizes()[frame, v])
     return CameraView(
         store=reader.store,
         frame=frame,

@@ -42,7 +42,7 @@ def labelled_teacher_points(
     if block not in t.blocks:
         raise HildaError(f"{reader.store}: teacher/{t.name}/ does not hold its last block")
     by_token = {f.token: f for f in split.frames}
-    pair_offsets, sizes = reader.small("pointmaps/offsets"), reader.small("index/image_size")
+    pair_offsets, sizes = reader.pair_offsets(), reader.image_sizes()
     feats, labels = [], []
     for f, token in enumerate(reader.tokens()):
         if pair_offsets[f + 1] == pair_offsets[f]:

@@ -122,7 +122,7 @@ def teacher_means(info: CacheInfo, frames: np.ndarray, count: int) -> dict[int, 
     reader = CacheReader(info.store, ["pointmaps"])
     teacher = info.teacher_group
     pick = frames[evenly_spaced(len(frames), count / max(1, len(frames)))]
-    sizes = reader.small("index/image_size")
+    sizes = reader.image_sizes()
     totals = {k: np.zeros(info.teacher_dim) for k in info.blocks}
     n = 0
     for f in pick.tolist():
@@ -151,14 +151,10 @@ class SampleIndex:
 def sample_index(store: str, info: CacheInfo, needs_occupancy: bool) -> SampleIndex:
     """The (t-1, t0) samples of the cache, and why the other frames are not samples."""
     reader = CacheReader(store, [])
-    prev = reader.small("index/prev").astype(np.int64)
-    counts = np.diff(reader.small("points/offsets"))
-    skipped: set[int] = set()
-    groups = ["points", "pointmaps", "occupancy"]
-    groups += [f"teacher/{info.teacher}"] if info.teacher else []
-    for g in groups:
-        skipped |= reader.skipped(g)
-    valid = reader.small("occupancy/valid").astype(bool) if needs_occupancy else None
+    prev = reader.prev().astype(np.int64)
+    counts = np.diff(reader.point_offsets())
+    skipped = reader.skipped_frames(info.teacher)
+    valid = reader.occupancy_valid().astype(bool) if needs_occupancy else None
     excluded = {"no t-1": 0, "no t+1": 0, "skipped or empty": 0}
     frames, prevs = [], []
     for f in range(len(prev)):
@@ -243,7 +239,7 @@ class CacheDataset(Dataset):
         values = iter(reader.gather(*self._reads(f, p)))
         before, now = next(values), next(values)
         if cfg.data.align_history:  # the t-1 sweep in the t0 LiDAR frame
-            e2g, l2e = reader.small("index/ego_to_global"), reader.small("index/lidar_to_ego")
+            e2g, l2e = reader.ego_to_global(), reader.lidar_to_ego()
             before[:, :3] = ego_compensate(before, l2e[p], e2g[p], l2e[f], e2g[f])
         d = augment.draw(cfg.data.augment, np.random.default_rng(seed))
         clouds = [
@@ -263,7 +259,7 @@ class CacheDataset(Dataset):
                 grids = {k: next(values).astype(np.float16, copy=False) for k in self.info.blocks}
                 out["grids"].append(grids)
                 out["cls"].append(next(values))  # (V, D) of the last block
-            sizes = reader.small("index/image_size")
+            sizes = reader.image_sizes()
             out["image_size"] = [sizes[p].astype(np.float32), sizes[f].astype(np.float32)]
         if cfg.needs_occupancy:
             out["target"] = augment.apply_grid(next(values), d, self.info.occupancy_cell)
