@@ -27,7 +27,10 @@ from hilda.pipeline.stages.teacher import load_images
 def stored_bytes(values: np.ndarray, codec: str) -> int:
     """Compressed bytes of one frame (6, h, w, D) as the teacher stage stores it (one chunk)."""
     store = f"memory://bench-{uuid.uuid4().hex}"
-    extra = {"compressors": codecs.bitround_compressor()} if codec == "bitround" else {}
+    extra = {
+        "float16": {"compressors": None},  # stored uncompressed: faster reads (the stage's rule)
+        "bitround": {"compressors": codecs.bitround_compressor()},
+    }.get(codec, {})
     arr = zarr.create_array(
         store, shape=values.shape, dtype=values.dtype, chunks=values.shape, **extra
     )
