@@ -172,8 +172,8 @@ def write_ragged(
     per frame its ``columns``, or an error), fix ``offsets``, then copy row shards. Returns
     the offsets (F+1,)."""
     staging = f"{STAGING}/{group.path}"
-    shards = frame_shards(num_frames, frames_per_shard)
     if not group.attrs.get("counted", False):
+        shards = frame_shards(num_frames, frames_per_shard)
         staged = _staged_shards(store, staging, len(shards))
         tasks = [
             Task(i, b - a, (store, f"{staging}/{i}", columns, compute_fn, compute_args(a, b)))
@@ -182,19 +182,7 @@ def write_ragged(
         ]
         if tasks:
             run_tasks(client, stage_rows, tasks, label=f"{label} (compute)", on_done=_ignore)
-        counts, errors = _staged_counts(store, staging, shards)
-        if errors and not skip_bad:
-            first = next(iter(errors.values()))
-            more = f" (and {len(errors) - 1} more bad frames)" if len(errors) > 1 else ""
-            raise FrameError(
-                f"{first}{more}; rerun with --skip-bad to record them as skipped and go on"
-            )
-        offsets = np.zeros(num_frames + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum(counts)
-        _resize_rows(group, int(offsets[-1]), shard_rows)
-        group["offsets"][:] = offsets
-        group.attrs["skipped"] = {str(i): err for i, err in sorted(errors.items())}
-        group.attrs["counted"] = True
+        _fix_offsets(group, *_staged_counts(store, staging, shards), skip_bad, shard_rows)
     offsets = np.asarray(group["offsets"][:])
     rows = row_shards(int(offsets[-1]), shard_rows)
     if "rows_done" not in group or group["rows_done"].shape[0] != len(rows):
@@ -223,6 +211,25 @@ def write_ragged(
     group["done"][:] = True
     _remove_staging(store, staging)
     return offsets
+
+
+def _fix_offsets(
+    group: zarr.Group, counts: np.ndarray, errors: dict[int, str], skip_bad: bool, shard_rows: int
+) -> None:
+    """``offsets`` from the staged row counts (bad frames hold none), the arrays sized to the
+    total, the bad frames recorded; or the first bad frame's error without ``skip_bad``."""
+    if errors and not skip_bad:
+        first = next(iter(errors.values()))
+        more = f" (and {len(errors) - 1} more bad frames)" if len(errors) > 1 else ""
+        raise FrameError(
+            f"{first}{more}; rerun with --skip-bad to record them as skipped and go on"
+        )
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(counts)
+    _resize_rows(group, int(offsets[-1]), shard_rows)
+    group["offsets"][:] = offsets
+    group.attrs["skipped"] = {str(i): err for i, err in sorted(errors.items())}
+    group.attrs["counted"] = True
 
 
 def _ignore(task: Task, result: Any) -> None:
