@@ -32,7 +32,7 @@ def main() -> None:
 @fail_cleanly
 def make_synthetic_cmd(
     format: Annotated[
-        str, typer.Option("--format", help="nuscenes or av2 on-disk format")
+        str, typer.Option("--format", help="nuscenes, av2 or semantickitti on-disk format")
     ] = "nuscenes",
     out: Annotated[Path, typer.Option(help="output folder (the dataset root)")] = Path(
         "out/synthetic"
@@ -53,7 +53,8 @@ def make_synthetic_cmd(
         int, typer.Option(min=1, help="AV2: sweeps (10 Hz) per keyframe")
     ] = 5,
 ) -> None:
-    """Generate the procedural driving world and write it in nuScenes or AV2 format."""
+    """Generate the procedural driving world and write it in nuScenes, AV2 or SemanticKITTI
+    format."""
     from hilda.datasets.synthetic.generate import SyntheticConfig, make_synthetic
 
     cfg = SyntheticConfig(
@@ -93,6 +94,8 @@ def make_synthetic_cmd(
         console.print(
             f"read it with: hilda-prep frames --dataset nuscenes --root {out} --version {version}"
         )
+    elif format == "semantickitti":
+        console.print(f"SemanticKITTI layout: {out}/sequences/NN (train 00-07, 09, 10; val 08)")
     else:
         console.print(f"read it with: hilda-prep frames --dataset av2 --root {out} --split train")
 

@@ -17,6 +17,7 @@ import numpy as np
 from hilda.datasets.io import class_map_path
 from hilda.datasets.synthetic.render import (
     AV2_RIG,
+    KITTI_RIG,
     NUSCENES_RIG,
     CameraImage,
     CameraSpec,
@@ -28,8 +29,12 @@ from hilda.datasets.synthetic.render import (
 from hilda.datasets.synthetic.world import World, make_world
 from hilda.errors import ConfigError
 
-Format = Literal["nuscenes", "av2"]
-DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {"nuscenes": (800, 450), "av2": (512, 388)}
+Format = Literal["nuscenes", "av2", "semantickitti"]
+DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {
+    "nuscenes": (800, 450),
+    "av2": (512, 388),
+    "semantickitti": (1241, 376),  # KITTI's camera size; no images are written
+}
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,10 @@ class SyntheticConfig:
     jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
-        if self.format not in ("nuscenes", "av2"):
-            raise ConfigError(f"format must be 'nuscenes' or 'av2', got {self.format!r}")
+        if self.format not in DEFAULT_IMAGE_SIZE:
+            raise ConfigError(
+                f"format must be one of {sorted(DEFAULT_IMAGE_SIZE)}, got {self.format!r}"
+            )
         if self.scenes < 1 or self.frames_per_scene < 1:
             raise ConfigError("scenes and frames_per_scene must be >= 1")
         w, h = self.resolved_image_size
@@ -59,7 +66,7 @@ class SyntheticConfig:
 
     @property
     def rig(self) -> Rig:
-        return NUSCENES_RIG if self.format == "nuscenes" else AV2_RIG
+        return {"nuscenes": NUSCENES_RIG, "av2": AV2_RIG, "semantickitti": KITTI_RIG}[self.format]
 
 
 def token(*parts: object) -> str:
@@ -125,6 +132,10 @@ def make_synthetic(
         from hilda.datasets.synthetic.nuscenes_format import write_nuscenes
 
         return write_nuscenes(cfg, progress)
+    if cfg.format == "semantickitti":
+        from hilda.datasets.synthetic.kitti_format import write_semantickitti
+
+        return write_semantickitti(cfg, progress)
     from hilda.datasets.synthetic.av2_format import write_av2
 
     return write_av2(cfg, progress)

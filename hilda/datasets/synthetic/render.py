@@ -196,6 +196,16 @@ AV2_RIG = Rig(
 )
 
 
+KITTI_RIG = Rig(
+    # The KITTI car's Velodyne HDL-64E (1.73 m above the road, +2 to -24.8 degrees), 10 Hz;
+    # SemanticKITTI labels every scan, so every scan is a frame. No cameras are written.
+    cameras=(),
+    lidar=LidarSpec("velodyne", (0.76, 0.0, 1.73), 0.0, (-24.8, 2.0), beams=64, azimuths=1024),
+    keyframe_period_us=100_000,
+    sweep_period_us=100_000,
+)
+
+
 @dataclass(frozen=True)
 class LidarSweep:
     points: np.ndarray  # (N, 3) float64 in the LiDAR frame
