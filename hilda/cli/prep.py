@@ -68,9 +68,10 @@ def make_synthetic_cmd(
         keyframe_every=keyframe_every,
     )
     w, h = cfg.resolved_image_size
+    cameras = "no cameras" if not cfg.rig.cameras else f"cameras {w}x{h}"
     console.print(
         f"[bold]synthetic world[/] seed {seed}: {scenes} scenes x {frames_per_scene} keyframes, "
-        f"{format} format, cameras {w}x{h} -> {out}"
+        f"{format} format, {cameras} -> {out}"
     )
     start = time.perf_counter()
     with Progress(
@@ -84,20 +85,24 @@ def make_synthetic_cmd(
         counts = make_synthetic(
             cfg, progress=lambda msg: bar.update(task, advance=1, description=msg)
         )
-    table = Table(title=f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    _counts_table(counts, f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    console.print(
+        {
+            "nuscenes": f"read it with: hilda-prep frames --dataset nuscenes --root {out} "
+            f"--version {version}",
+            "av2": f"read it with: hilda-prep frames --dataset av2 --root {out} --split train",
+            "semantickitti": f"{out}/sequences/NN (train 00-07, 09, 10; val 08)",
+        }[format]
+    )
+
+
+def _counts_table(counts: dict[str, int], title: str) -> None:
+    table = Table(title=title)
     table.add_column("item")
     table.add_column("count", justify="right")
     for key, value in counts.items():
         table.add_row(key, f"{value:,}")
     console.print(table)
-    if format == "nuscenes":
-        console.print(
-            f"read it with: hilda-prep frames --dataset nuscenes --root {out} --version {version}"
-        )
-    elif format == "semantickitti":
-        console.print(f"SemanticKITTI layout: {out}/sequences/NN (train 00-07, 09, 10; val 08)")
-    else:
-        console.print(f"read it with: hilda-prep frames --dataset av2 --root {out} --split train")
 
 
 @app.command("frames")
