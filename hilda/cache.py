@@ -114,9 +114,6 @@ class CacheReader:
             self._small: dict[str, np.ndarray] = {}
         return self._root
 
-    def has(self, group: str) -> bool:
-        return group in self.root
-
     def attrs(self, group: str) -> dict[str, Any]:
         return dict(self.root[group].attrs)
 
