@@ -3,6 +3,8 @@ cache, the figures, and the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 from hilda.cli.eval import app
 from hilda.datasets.io import DatasetError
 from hilda.eval.config import SegConfig, SegDataConfig
-from hilda.eval.data import IGNORE, SegDataset, evenly_spaced, open_split
+from hilda.eval.data import IGNORE, SegDataset, evenly_spaced, open_split, subset
 from hilda.eval.figures import SIZES
 from hilda.eval.probe import result_path, run_segmentation
 from hilda.eval.rank import backbone_rankme
@@ -74,6 +76,15 @@ def test_evenly_spaced_label_fractions() -> None:
     assert len(evenly_spaced(0, 0.5)) == 0
 
 
+def test_label_fractions_of_one_over_k_take_every_kth_frame() -> None:
+    # Sec. C.2: "we construct 1% subsets by sampling every 100th frame".
+    np.testing.assert_array_equal(subset(19130, 0.01), np.arange(0, 19130, 100))
+    np.testing.assert_array_equal(subset(10, 0.25), [0, 4, 8])
+    np.testing.assert_array_equal(subset(10, 1.0), np.arange(10))
+    np.testing.assert_array_equal(subset(10, 0.3), evenly_spaced(10, 0.3))  # not 1/k
+    np.testing.assert_array_equal(subset(5, 0.01), [0])
+
+
 def test_split_reads_mapped_labels(nusc_cfg) -> None:
     cfg = SegDataConfig(dataset="synthetic", root=str(nusc_cfg.out))
     train = open_split(cfg, "mini_train")
@@ -102,7 +113,7 @@ def test_split_errors_name_the_problem(nusc_cfg, tmp_path: Path) -> None:
     frame = split.frames[0]
     bad = tmp_path / "short.bin"
     bad.write_bytes(Path(frame.labels_file).read_bytes()[:-7])
-    broken = type(split)([type(frame)(frame.token, frame.lidar_file, str(bad))], split.lut, 1)
+    broken = dataclasses.replace(split, frames=[dataclasses.replace(frame, labels_file=str(bad))])
     with pytest.raises(DatasetError, match=frame.token):
         SegDataset(broken, None)[0]
 
@@ -138,7 +149,8 @@ def test_segmentation_run_trains_what_it_should(nusc_cfg, tmp_path: Path, mode: 
     assert saved["protocol"] == ("linear-probe" if mode == "linear" else "finetune")
     assert saved["train_frames"] == 3 and saved["val_frames"] == 3 and saved["steps"] == 4
     assert 0.0 <= saved["miou"] <= 1.0 and len(saved["iou"]) == 16
-    assert saved["config"]["mode"] == mode
+    assert saved["config"]["mode"] == mode and saved["intensity"]["factor"] == 1.0
+    assert saved["backbone_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     conf = np.array(saved["confusion"])
     assert conf.shape == (16, 16) and conf.sum() > 1000
     assert all(np.isfinite(v) for _, v in saved["loss_curve"])

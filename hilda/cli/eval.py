@@ -1,4 +1,5 @@
-"""hilda-eval: what pre-training learned (linear probe, fine-tune, RankMe, figures)."""
+"""hilda-eval: what pre-training learned (linear probe, fine-tune, the Table 1 row, RankMe,
+figures)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,23 @@ def main() -> None:
 
 
 @app.command("classes")
-def classes_cmd() -> None:
-    """Print the 16 nuScenes-lidarseg evaluation classes."""
+def classes_cmd(
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="nuscenes (16 classes) | semantickitti (19)")
+    ] = "nuscenes",
+) -> None:
+    """Print a dataset's evaluation classes (index 0 of nuScenes' list is 'ignore')."""
+    from hilda.datasets import semantickitti
     from hilda.datasets.classes import COARSE_CLASSES, GENERAL_CATEGORIES
 
+    if dataset not in ("nuscenes", "semantickitti"):
+        raise typer.BadParameter(f"--dataset must be nuscenes or semantickitti, got {dataset!r}")
     typer.echo("index  class")
+    if dataset == "semantickitti":
+        for i, name in enumerate(semantickitti.CLASSES):
+            typer.echo(f"{i:5d}  {name}")
+        typer.echo("(raw ids mapped by the learning map of semantic-kitti.yaml; others ignored)")
+        return
     for i, name in enumerate(COARSE_CLASSES):
         typer.echo(f"{i:5d}  {name}")
     typer.echo(f"({len(GENERAL_CATEGORIES)} general categories in the label files)")
@@ -45,7 +58,11 @@ Overrides = Annotated[
 ]
 Dataset = Annotated[
     str | None,
-    typer.Option("--dataset", help="nuscenes | synthetic (the synthetic world, nuScenes format)"),
+    typer.Option(
+        "--dataset",
+        help="nuscenes | semantickitti | synthetic (the synthetic world in nuScenes format; "
+        "in SemanticKITTI format it is read as semantickitti)",
+    ),
 ]
 Root = Annotated[Path | None, typer.Option("--root", help="dataset root")]
 InitOpt = Annotated[
@@ -159,9 +176,89 @@ def finetune_cmd(
     out: Out = None,
 ) -> None:
     """The whole network trained on a fraction of the labelled frames (Table 1: 1, 5, 10, 25,
-    100%); mIoU and per-class IoU on the validation frames."""
+    100% of nuScenes, 1% of SemanticKITTI; 1/k = every k-th frame); mIoU and per-class IoU
+    on the validation frames."""
     cfg = _seg_config("finetune", config, overrides, dataset, root, [f"data.fraction={fraction}"])
     _run_seg(cfg, backbone, init, out)
+
+
+def _fractions(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected numbers like 0.01,0.1: {text!r}") from None
+
+
+@app.command("table")
+@fail_cleanly
+def table_cmd(
+    backbone: Backbone,
+    nuscenes_root: Annotated[
+        Path | None, typer.Option("--nuscenes-root", help="nuScenes with nuScenes-lidarseg")
+    ] = None,
+    nuscenes_version: Annotated[
+        str | None,
+        typer.Option("--nuscenes-version", help="default: the root's (v1.0-trainval, v1.0-mini)"),
+    ] = None,
+    semantickitti_root: Annotated[
+        Path | None, typer.Option("--semantickitti-root", help="SemanticKITTI (sequences/...)")
+    ] = None,
+    fractions: Annotated[
+        str, typer.Option("--fractions", help="nuScenes fine-tune label fractions")
+    ] = "0.01,0.05,0.1,0.25,1.0",
+    semantickitti_fractions: Annotated[
+        str, typer.Option("--semantickitti-fractions", help="SemanticKITTI fine-tune fractions")
+    ] = "0.01",
+    init: Annotated[
+        str,
+        typer.Option("--init", help="random: also the random-init baseline of every entry"),
+    ] = "pretrained",
+    linear_config: Annotated[
+        str, typer.Option("--linear-config", help="the linear probe's config (file or preset)")
+    ] = "eval/linear_probe",
+    finetune_config: Annotated[
+        str, typer.Option("--finetune-config", help="the fine-tunes' config (file or preset)")
+    ] = "eval/finetune",
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="override a key of both configs, or of one with a linear. / finetune. prefix, "
+            "e.g. --set data.num_workers=8 --set finetune.optim.epochs=50 (repeatable)",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder of the results (default: <checkpoint>.table/)"),
+    ] = None,
+) -> None:
+    """One row of Table 1: nuScenes linear probe and 1/5/10/25/100% fine-tunes, SemanticKITTI
+    1% fine-tune, as the given datasets allow; resumable (finished entries are not rerun)."""
+    from rich.console import Console
+
+    from hilda.eval.data import nuscenes_version as find_version
+    from hilda.eval.table import TableSpec, load_table_configs, rich_table, run_table
+
+    if init not in ("pretrained", "random"):
+        raise typer.BadParameter(f"--init must be pretrained or random, got {init!r}")
+    linear, finetune = load_table_configs(linear_config, finetune_config, overrides)
+    version = nuscenes_version or (find_version(nuscenes_root) if nuscenes_root else None)
+    spec = TableSpec(
+        backbone=str(backbone),
+        linear=linear,
+        finetune=finetune,
+        nuscenes_root=str(nuscenes_root or ""),
+        nuscenes_version=version or "v1.0-trainval",
+        semantickitti_root=str(semantickitti_root or ""),
+        fractions=_fractions(fractions, "--fractions"),
+        semantickitti_fractions=_fractions(semantickitti_fractions, "--semantickitti-fractions"),
+        random_init=init == "random",
+    )
+    folder = out or backbone.with_name(f"{backbone.stem}.table")
+    console = Console()
+    table = run_table(spec, folder, console)
+    console.print(rich_table(table))
+    console.print(f"table -> {folder / 'table.md'} and {table['path']}")
 
 
 @app.command("compare")

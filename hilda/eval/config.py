@@ -1,13 +1,14 @@
 """Downstream segmentation configuration: typed, frozen dataclasses (YAML + ``--set``).
 
 Protocol (HilDA Sec. 4.1, C.2, D.1): a BatchNorm1d + Linear head on the backbone's final point
-features, cross-entropy on the 16 nuScenes-lidarseg classes (noise and unlisted classes
-ignored), mIoU and per-class IoU on the validation frames. Linear probing freezes the backbone;
-fine-tuning trains everything on a fraction of the labelled training frames (1, 5, 10, 25,
-100% in Table 1). The paper gives no optimiser for these runs; the defaults are the downstream
-schedule of the SLidR / SuperFlow code base that most camera-LiDAR distillation papers report
-with: AdamW (lr 1e-3, the head at 10x, weight decay 0.01), OneCycle (pct_start 0.2, div 25,
-final div 100), 100 epochs, 16 frames a step.
+features, cross-entropy on the dataset's evaluation classes (16 nuScenes-lidarseg classes, 19
+SemanticKITTI classes; the rest ignored), mIoU and per-class IoU on the validation frames.
+Linear probing freezes the backbone; fine-tuning trains everything on a fraction of the
+labelled training frames (1, 5, 10, 25, 100% of nuScenes and 1% of SemanticKITTI in Table 1).
+The paper gives no optimiser for these runs; the defaults are the downstream schedule of the
+SLidR / SuperFlow code base that most camera-LiDAR distillation papers report with: AdamW
+(lr 1e-3, the head at 10x, weight decay 0.01), OneCycle (pct_start 0.2, div 25, final div
+100), 100 epochs, 16 frames a step.
 """
 
 from __future__ import annotations
@@ -18,25 +19,35 @@ from typing import Literal
 from hilda.errors import ConfigError
 from hilda.train.config import AugmentConfig
 
-EvalDataset = Literal["nuscenes", "synthetic"]
+EvalDataset = Literal["nuscenes", "synthetic", "semantickitti"]
 
 # (version, train split, val split) when the config leaves them unset.
-DATASET_DEFAULTS: dict[str, tuple[str, str, str]] = {
+DATASET_DEFAULTS: dict[str, tuple[str | None, str, str]] = {
     "nuscenes": ("v1.0-trainval", "train", "val"),
     # The synthetic world is written as nuScenes v1.0-mini (hilda-prep make-synthetic).
     "synthetic": ("v1.0-mini", "mini_train", "mini_val"),
+    # The official splits of semantic-kitti.yaml (no versions; make-synthetic --format
+    # semantickitti names its sequences so that they select the synthetic world's scenes).
+    "semantickitti": (None, "train", "val"),
+}
+# A nuScenes version's own (train, val) splits in nuscenes-devkit, used when a config names the
+# version but not the splits (e.g. data.version=v1.0-mini reads mini_train / mini_val).
+NUSCENES_SPLITS: dict[str, tuple[str, str]] = {
+    "v1.0-trainval": ("train", "val"),
+    "v1.0-mini": ("mini_train", "mini_val"),
 }
 
 
 @dataclass(frozen=True)
 class SegDataConfig:
     dataset: EvalDataset = "nuscenes"
-    root: str = ""  # dataset root (nuScenes layout; the synthetic world is written in it)
-    version: str | None = None  # None: DATASET_DEFAULTS
+    root: str = ""  # dataset root (nuScenes or SemanticKITTI layout)
+    version: str | None = None  # nuScenes version; None: DATASET_DEFAULTS
     train_split: str | None = None
     val_split: str | None = None
-    # Labelled training frames used (Table 1's label fractions): an evenly spaced subset in
-    # scene order, as the 1% "every 100th frame" subsets of Sec. D.2.
+    # Labelled training frames used (Table 1's label fractions), in scene order: every k-th
+    # frame when the fraction is 1/k (1% = every 100th frame, Sec. C.2), otherwise an evenly
+    # spaced subset.
     fraction: float = 1.0
     max_val_frames: int | None = None  # evaluate on an evenly spaced subset (quick checks)
     num_workers: int = 2  # DataLoader worker processes reading sweeps and labels
@@ -48,11 +59,16 @@ class SegDataConfig:
             )
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
+        if self.dataset == "semantickitti" and self.version is not None:
+            raise ConfigError("data.version is a nuScenes setting; SemanticKITTI has none")
 
-    def resolved(self) -> tuple[str, str, str]:
-        """(version, train split, val split)."""
+    def resolved(self) -> tuple[str | None, str, str]:
+        """(version (None for SemanticKITTI), train split, val split)."""
         version, train, val = DATASET_DEFAULTS[self.dataset]
-        return (self.version or version, self.train_split or train, self.val_split or val)
+        if self.version is not None:
+            version = self.version
+            train, val = NUSCENES_SPLITS.get(version, (train, val))
+        return (version, self.train_split or train, self.val_split or val)
 
 
 @dataclass(frozen=True)

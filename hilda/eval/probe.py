@@ -1,13 +1,16 @@
-"""Linear probing and fine-tuning on lidarseg labels (HilDA Sec. 4.1, C.2, D.1).
+"""Linear probing and fine-tuning on labelled LiDAR frames (HilDA Sec. 4.1, C.2, D.1):
+nuScenes-lidarseg (16 classes) or SemanticKITTI (19 classes).
 
 ``run_segmentation`` trains the Sec. C.2 head (and, fine-tuning, the backbone) with
 cross-entropy on the training frames, then scores every point of the validation frames:
 mIoU and per-class IoU from one confusion matrix. The result is a JSON file next to the
-checkpoint (or at ``out``) holding the metrics, the loss curve and the resolved config.
+checkpoint (or at ``out``) holding the metrics, the loss curve, the intensity scaling, the
+checkpoint's SHA-256 and the resolved config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +25,15 @@ from torch.utils.data import DataLoader
 
 from hilda.atomic import write_json
 from hilda.eval.config import SegConfig
-from hilda.eval.data import CLASSES, IGNORE, SegBatch, SegDataset, Split, collate_seg, open_split
+from hilda.eval.data import (
+    IGNORE,
+    INTENSITY_RANGE,
+    SegBatch,
+    SegDataset,
+    Split,
+    collate_seg,
+    open_split,
+)
 from hilda.eval.metrics import confusion, iou_per_class, mean_iou
 from hilda.eval.segment import Init, Segmenter, build_backbone
 from hilda.train.config_io import to_dict
@@ -31,14 +42,39 @@ from hilda.train.distributed import World
 from hilda.train.loop import pick_device
 from hilda.train.optim import build_optimizer, build_scheduler, steps_per_epoch, total_steps
 
+# hilda pre-trains on nuScenes and AV2 sweeps, whose intensities are both 0-255: the scale a
+# pre-trained backbone's input features were learned on.
+PRETRAINING_INTENSITY_RANGE = INTENSITY_RANGE["nuscenes"]
 
-def result_path(backbone: str | Path, mode: str, fraction: float, init: Init) -> Path:
-    """Where a run's JSON goes by default: next to the checkpoint, named after the protocol,
-    e.g. ``backbone.linear-probe.json``, ``backbone.finetune-1pct.random-init.json``."""
-    backbone = Path(backbone)
+
+def result_name(mode: str, fraction: float, init: Init, dataset: str = "nuscenes") -> str:
+    """A run's JSON file name after its protocol, e.g. ``linear-probe.json``,
+    ``finetune-1pct.random-init.json``, ``semantickitti.finetune-1pct.json``."""
     name = "linear-probe" if mode == "linear" else f"finetune-{fraction * 100:g}pct"
+    prefix = "semantickitti." if dataset == "semantickitti" else ""
     suffix = ".random-init" if init == "random" else ""
-    return backbone.with_name(f"{backbone.stem}.{name}{suffix}.json")
+    return f"{prefix}{name}{suffix}.json"
+
+
+def result_path(
+    backbone: str | Path, mode: str, fraction: float, init: Init, dataset: str = "nuscenes"
+) -> Path:
+    """Where a run's JSON goes by default: next to the checkpoint, e.g.
+    ``backbone.linear-probe.json``, ``backbone.semantickitti.finetune-1pct.json``."""
+    backbone = Path(backbone)
+    return backbone.with_name(f"{backbone.stem}.{result_name(mode, fraction, init, dataset)}")
+
+
+def intensity_factor(split: Split) -> float:
+    """The factor that puts ``split``'s intensities on the pre-training scale (SemanticKITTI's
+    0-1 remission x 255; 1 for nuScenes), so the input features mean the same on both."""
+    return PRETRAINING_INTENSITY_RANGE / split.intensity_range
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (a result names the exact checkpoint it measured)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _loader(dataset: SegDataset, batch: int, workers: int, sampler=None) -> DataLoader:
@@ -81,8 +117,9 @@ def _cached_batches(
     every training frame, computed once."""
     feats, labels = [], []
     model.eval()
+    dataset = SegDataset(split, None, intensity_factor=intensity_factor(split))
     with torch.no_grad():
-        for b in _loader(SegDataset(split, None), 1, cfg.data.num_workers):
+        for b in _loader(dataset, 1, cfg.data.num_workers):
             b = b.to(device)
             feats.append(model.features(b.points, b.batch).to("cpu", torch.float16))
             labels.append(b.labels.cpu())
@@ -110,7 +147,7 @@ def feature_batches(
 def _online_batches(
     split: Split, cfg: SegConfig, device: torch.device
 ) -> Iterator[tuple[int, SegBatch]]:
-    dataset = SegDataset(split, cfg.augment, cfg.seed)
+    dataset = SegDataset(split, cfg.augment, cfg.seed, intensity_factor(split))
     sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=cfg.seed)
     size = min(cfg.optim.batch_size, len(dataset))
     epoch = 0
@@ -161,14 +198,16 @@ def fit(
 
 
 def evaluate(model: Segmenter, split: Split, cfg: SegConfig, device: torch.device) -> np.ndarray:
-    """(16, 16) confusion matrix over every point of the split's frames."""
+    """(K, K) confusion matrix over every point of the split's frames."""
     model.eval()
-    conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    k = len(split.classes)
+    conf = np.zeros((k, k), dtype=np.int64)
+    dataset = SegDataset(split, None, intensity_factor=intensity_factor(split))
     with torch.no_grad():
-        for b in _loader(SegDataset(split, None), 1, cfg.data.num_workers):
+        for b in _loader(dataset, 1, cfg.data.num_workers):
             b = b.to(device)
             pred = model(b.points, b.batch).argmax(dim=1)  # (N,)
-            conf += confusion(pred.cpu().numpy(), b.labels.cpu().numpy(), len(CLASSES), IGNORE)
+            conf += confusion(pred.cpu().numpy(), b.labels.cpu().numpy(), k, IGNORE)
     return conf
 
 
@@ -203,7 +242,8 @@ def _train(
 
 
 def split_record(cfg: SegConfig, train: Split, val: Split) -> dict:
-    """Where a result's frames came from, for its JSON."""
+    """Where a result's frames came from and how their intensities were scaled, for its
+    JSON."""
     version, train_name, val_name = cfg.data.resolved()
     return {
         "dataset": cfg.data.dataset,
@@ -215,15 +255,21 @@ def split_record(cfg: SegConfig, train: Split, val: Split) -> dict:
         "train_frames": len(train.frames),
         "train_frames_total": train.total,
         "val_frames": len(val.frames),
+        "intensity": {
+            "dataset_range": train.intensity_range,
+            "pretraining_range": PRETRAINING_INTENSITY_RANGE,
+            "factor": intensity_factor(train),
+        },
     }
 
 
-def scores(conf: np.ndarray) -> dict:
+def scores(conf: np.ndarray, classes: tuple[str, ...]) -> dict:
     """mIoU, per-class IoU (None where a class never occurs) and the confusion matrix."""
     iou = iou_per_class(conf)
     return {
         "miou": mean_iou(conf),
-        "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(CLASSES, iou, strict=True)},
+        "classes": list(classes),
+        "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, iou, strict=True)},
         "confusion": conf.tolist(),
     }
 
@@ -245,15 +291,16 @@ def run_segmentation(
     val_split = open_split(cfg.data, val_name, max_frames=cfg.data.max_val_frames)
     torch.manual_seed(cfg.seed)
     net = build_backbone(str(backbone), init, seed=cfg.seed)
-    model = Segmenter(net, len(CLASSES), frozen=cfg.mode == "linear").to(device)
+    model = Segmenter(net, len(train_split.classes), frozen=cfg.mode == "linear").to(device)
     n = len(train_split.frames)
     total = total_steps(
         cfg.optim.epochs, steps_per_epoch(n, cfg.optim.batch_size), cfg.optim.max_steps
     )
     what = "linear probe" if cfg.mode == "linear" else f"fine-tune ({cfg.data.fraction:.0%})"
     console.print(
-        f"[bold]hilda-eval[/] {what}, {init} backbone {backbone}: {n} of {train_split.total} "
-        f"{train_name} frames, {len(val_split.frames)} {val_name} frames, {total} steps on {device}"
+        f"[bold]hilda-eval[/] {what} on {cfg.data.dataset}, {init} backbone {backbone}: {n} of "
+        f"{train_split.total} {train_name} frames, {len(val_split.frames)} {val_name} frames, "
+        f"{total} steps on {device}"
     )
     curve = _train(model, train_split, cfg, device, total, console)
     train_seconds = time.perf_counter() - tick
@@ -263,16 +310,20 @@ def run_segmentation(
         "protocol": "linear-probe" if cfg.mode == "linear" else "finetune",
         "init": init,
         "backbone": str(backbone),
+        "backbone_sha256": file_sha256(backbone),
         **split_record(cfg, train_split, val_split),
         "steps": total,
         "device": str(device),
-        **scores(conf),
+        **scores(conf, train_split.classes),
         "loss_curve": curve,
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - tick,
         "config": to_dict(cfg),
     }
-    path = result_path(backbone, cfg.mode, cfg.data.fraction, init) if out is None else Path(out)
+    if out is None:
+        path = result_path(backbone, cfg.mode, cfg.data.fraction, init, cfg.data.dataset)
+    else:
+        path = Path(out)
     write_json(path, result)
     result["path"] = str(path)
     return result

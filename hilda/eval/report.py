@@ -1,4 +1,4 @@
-"""Result files of hilda-eval runs and their side-by-side table."""
+"""Result files of hilda-eval runs and their side-by-side table (per-class IoU)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from rich.table import Table
 
 from hilda.errors import HildaError
-from hilda.eval.data import CLASSES
 
 
 def read_result(path: str | Path) -> dict:
@@ -30,7 +29,18 @@ def run_label(result: dict) -> str:
     protocol = result.get("protocol", "?")
     if protocol == "finetune":
         protocol += f" {100 * result.get('fraction', 1.0):g}%"
+    if result.get("dataset") == "semantickitti":
+        protocol = f"SemanticKITTI {protocol}"
     return f"{protocol}\n{result.get('init', '?')} backbone"
+
+
+def class_names(results: list[dict]) -> list[str]:
+    """The classes of several results, in their order (nuScenes' 16, SemanticKITTI's 19, or
+    both, each once)."""
+    names: dict[str, None] = {}
+    for r in results:
+        names.update(dict.fromkeys(r.get("classes") or r["iou"]))
+    return list(names)
 
 
 def _pct(value: float | None) -> str:
@@ -39,12 +49,13 @@ def _pct(value: float | None) -> str:
 
 def result_table(results: list[dict]) -> Table:
     """mIoU and per-class IoU (%) of several runs, one column each; '-' where a class is
-    neither labelled nor predicted in the validation frames (no IoU)."""
+    neither labelled nor predicted in the validation frames (no IoU) or not in a run's
+    dataset."""
     table = Table(title="semantic segmentation, validation frames (IoU %)")
     table.add_column("class")
     for r in results:
         table.add_column(run_label(r), justify="right")
     table.add_row("[bold]mIoU[/]", *(f"[bold]{_pct(r['miou'])}[/]" for r in results))
-    for name in CLASSES:
+    for name in class_names(results):
         table.add_row(name, *(_pct(r["iou"].get(name)) for r in results))
     return table

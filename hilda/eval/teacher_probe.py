@@ -22,7 +22,7 @@ from hilda.atomic import write_json
 from hilda.cache import CacheReader
 from hilda.errors import HildaError
 from hilda.eval.config import SegConfig
-from hilda.eval.data import CLASSES, IGNORE, Split, open_split, read_labelled
+from hilda.eval.data import IGNORE, Split, open_split, read_labelled
 from hilda.eval.metrics import confusion
 from hilda.eval.probe import feature_batches, fit, optimizer_for, scores, seg_loss
 from hilda.eval.segment import SegmentationHead
@@ -52,7 +52,7 @@ def labelled_teacher_points(
             raise HildaError(
                 f"{reader.store}: frame {f} ({token}) is not a labelled frame of the split"
             )
-        _, frame_labels = read_labelled(frame, split.lut)
+        _, frame_labels = read_labelled(split, frame)
         if len(frame_labels) != reader.point_count(f):
             raise HildaError(
                 f"{reader.store}: frame {f} ({token}) holds another sweep than its labels"
@@ -72,15 +72,15 @@ def labelled_teacher_points(
 
 
 def _confusion(
-    head: SegmentationHead, feats: list[torch.Tensor], labels: list[torch.Tensor]
+    head: SegmentationHead, feats: list[torch.Tensor], labels: list[torch.Tensor], classes: int
 ) -> np.ndarray:
-    """(16, 16) confusion matrix of the head's predictions over every frame's points."""
+    """(K, K) confusion matrix of the head's predictions over every frame's points."""
     head.eval()
-    conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    conf = np.zeros((classes, classes), dtype=np.int64)
     with torch.no_grad():
         for x, y in zip(feats, labels, strict=True):
             pred = head(x.float()).argmax(dim=1).numpy()  # (n,)
-            conf += confusion(pred, y.numpy(), len(CLASSES), IGNORE)
+            conf += confusion(pred, y.numpy(), classes, IGNORE)
     return conf
 
 
@@ -97,13 +97,18 @@ def run_teacher_probe(
     writes) the result."""
     console = console or Console()
     tick = time.perf_counter()
+    if cfg.data.dataset == "semantickitti":
+        raise HildaError(
+            "the teacher probe reads the camera features of a hilda-prep cache of nuScenes "
+            "frames; SemanticKITTI has no camera images"
+        )
     version, train_name, val_name = cfg.data.resolved()
-    name, train_x, train_y = labelled_teacher_points(
-        train_store, open_split(cfg.data, train_name), teacher
-    )
-    _, val_x, val_y = labelled_teacher_points(val_store, open_split(cfg.data, val_name), name)
+    train_split, val_split = open_split(cfg.data, train_name), open_split(cfg.data, val_name)
+    name, train_x, train_y = labelled_teacher_points(train_store, train_split, teacher)
+    _, val_x, val_y = labelled_teacher_points(val_store, val_split, name)
+    classes = train_split.classes
     torch.manual_seed(cfg.seed)
-    head = SegmentationHead(train_x[0].shape[1], len(CLASSES))
+    head = SegmentationHead(train_x[0].shape[1], len(classes))
     per_epoch = steps_per_epoch(len(train_x), cfg.optim.batch_size)
     total = total_steps(cfg.optim.epochs, per_epoch, cfg.optim.max_steps)
     groups = [{"params": list(head.parameters()), "lr": cfg.optim.lr * cfg.optim.head_lr_mult}]
@@ -129,7 +134,7 @@ def run_teacher_probe(
         "train_points": int(sum(len(y) for y in train_y)),
         "val_points": int(sum(len(y) for y in val_y)),
         "steps": total,
-        **scores(_confusion(head, val_x, val_y)),
+        **scores(_confusion(head, val_x, val_y, len(classes)), classes),
         "loss_curve": curve,
         "seconds": time.perf_counter() - tick,
         "config": to_dict(cfg),

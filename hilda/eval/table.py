@@ -1,0 +1,266 @@
+"""One row of the downstream table the papers in this line report (HilDA Table 1; SLidR,
+ScaLR, SuperFlow, CleverDistiller): mIoU on nuScenes-lidarseg val of the linear probe and of
+fine-tunes on 1, 5, 10, 25 and 100% of the labelled training frames, and of a fine-tune on
+1% of SemanticKITTI's training scans, scored on its sequence 08.
+
+``run_table`` plans the entries the given datasets allow (and the random-init baseline of
+each, when asked), runs each through ``run_segmentation`` into its own result JSON in the
+output folder, and rewrites ``table.json`` and ``table.md`` after every entry. A rerun skips
+every entry whose result is there with the same config and checkpoint, so an interrupted
+table resumes where it stopped; a result of another config or checkpoint is an error that
+names the file, never silently overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from hilda.atomic import atomic_write, write_json
+from hilda.errors import ConfigError, HildaError
+from hilda.eval.config import SegConfig
+from hilda.eval.probe import file_sha256, result_name, run_segmentation
+from hilda.eval.report import read_result
+from hilda.eval.segment import Init
+from hilda.train.config_io import load_config, to_dict
+
+NUSCENES_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
+SEMANTICKITTI_FRACTIONS = (0.01,)
+TableDataset = Literal["nuscenes", "semantickitti"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cell of the table: a protocol on a dataset from one initialisation."""
+
+    dataset: TableDataset
+    mode: Literal["linear", "finetune"]
+    fraction: float
+    init: Init
+
+    @property
+    def column(self) -> str:
+        name = "nuScenes" if self.dataset == "nuscenes" else "SemanticKITTI"
+        return f"{name} LP" if self.mode == "linear" else f"{name} {100 * self.fraction:g}%"
+
+    @property
+    def file(self) -> str:
+        return result_name(self.mode, self.fraction, self.init, self.dataset)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What a table measures: the checkpoint, the datasets, the label fractions, and the
+    linear-probe and fine-tune configs each entry starts from (the entry sets the dataset,
+    root and fraction; splits are the datasets' official ones)."""
+
+    backbone: str
+    linear: SegConfig
+    finetune: SegConfig
+    nuscenes_root: str = ""
+    nuscenes_version: str = "v1.0-trainval"
+    semantickitti_root: str = ""
+    fractions: tuple[float, ...] = NUSCENES_FRACTIONS
+    semantickitti_fractions: tuple[float, ...] = SEMANTICKITTI_FRACTIONS
+    random_init: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.nuscenes_root or self.semantickitti_root):
+            raise ConfigError(
+                "a table needs a dataset: pass --nuscenes-root and/or --semantickitti-root"
+            )
+        for f in (*self.fractions, *self.semantickitti_fractions):
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"label fractions must be in (0, 1], got {f}")
+        if self.linear.mode != "linear" or self.finetune.mode != "finetune":
+            raise ConfigError(
+                "the table's linear config needs mode=linear, its fine-tune config mode=finetune"
+            )
+
+
+def columns(spec: TableSpec) -> list[str]:
+    """The row's columns in the paper's order: nuScenes LP and fractions, SemanticKITTI's."""
+    inits: tuple[Init, ...] = ("pretrained",)
+    entries = _entries(spec, inits, nuscenes=True, semantickitti=True)
+    return list(dict.fromkeys(e.column for e in entries))
+
+
+def plan(spec: TableSpec) -> list[Entry]:
+    """The entries the given datasets allow: every pre-trained entry, then the baselines."""
+    inits: tuple[Init, ...] = ("pretrained", "random") if spec.random_init else ("pretrained",)
+    return _entries(
+        spec, inits, nuscenes=bool(spec.nuscenes_root), semantickitti=bool(spec.semantickitti_root)
+    )
+
+
+def _entries(
+    spec: TableSpec, inits: tuple[Init, ...], *, nuscenes: bool, semantickitti: bool
+) -> list[Entry]:
+    out = []
+    for init in inits:
+        if nuscenes:
+            out.append(Entry("nuscenes", "linear", 1.0, init))
+            out += [Entry("nuscenes", "finetune", f, init) for f in spec.fractions]
+        if semantickitti:
+            kitti = spec.semantickitti_fractions
+            out += [Entry("semantickitti", "finetune", f, init) for f in kitti]
+    return out
+
+
+def entry_config(spec: TableSpec, entry: Entry) -> SegConfig:
+    """The config of one entry: the linear or fine-tune config on the entry's dataset, root
+    and fraction, with that dataset's official splits."""
+    base = spec.linear if entry.mode == "linear" else spec.finetune
+    nusc = entry.dataset == "nuscenes"
+    data = dataclasses.replace(
+        base.data,
+        dataset=entry.dataset,
+        root=spec.nuscenes_root if nusc else spec.semantickitti_root,
+        version=spec.nuscenes_version if nusc else None,
+        train_split=None,
+        val_split=None,
+        fraction=entry.fraction,
+    )
+    return dataclasses.replace(base, data=data)
+
+
+def load_table_configs(
+    linear: str, finetune: str, overrides: list[str] | None = None
+) -> tuple[SegConfig, SegConfig]:
+    """The linear-probe and fine-tune configs (files or presets) with ``overrides``: a key
+    that starts with ``linear.`` or ``finetune.`` sets that config's key, any other both."""
+    own: dict[str, list[str]] = {"linear": [], "finetune": []}
+    for text in overrides or []:
+        head, _, rest = text.partition(".")
+        if head in own and "=" in rest:
+            own[head].append(rest)
+        else:
+            own["linear"].append(text)
+            own["finetune"].append(text)
+    return (
+        load_config(SegConfig, linear, [*own["linear"], "mode=linear"]),
+        load_config(SegConfig, finetune, [*own["finetune"], "mode=finetune"]),
+    )
+
+
+def _first_difference(a: object, b: object, path: str = "") -> str | None:
+    """The first key path where two nested JSON values differ (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if a == b else f"{path or '(root)'}: {a!r} here, {b!r} in the result"
+
+
+def finished(path: Path, cfg: SegConfig, sha256: str) -> dict | None:
+    """The result at ``path`` when it measured this config on this checkpoint; None when
+    there is none. A result of another config or checkpoint is an error naming the file."""
+    if not path.exists():
+        return None
+    result = read_result(path)
+    theirs = str(result.get("backbone_sha256"))
+    if theirs != sha256:
+        raise HildaError(
+            f"{path} measured another checkpoint (SHA-256 {theirs[:12]}, this one "
+            f"{sha256[:12]}): move it away or pass another --out"
+        )
+    diff = _first_difference(to_dict(cfg), result.get("config"))
+    if diff:
+        raise HildaError(
+            f"{path} was run with another config ({diff}): move it away or pass another --out "
+            "to measure this one"
+        )
+    return result
+
+
+def run_table(spec: TableSpec, out: str | Path, console: Console | None = None) -> dict:
+    """Run (or resume) every entry of ``plan(spec)`` into folder ``out``; returns the table
+    (also written to ``out/table.json`` and ``out/table.md``)."""
+    console = console or Console()
+    out = Path(out)
+    if not Path(spec.backbone).is_file():
+        raise HildaError(f"backbone checkpoint {spec.backbone} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    sha = file_sha256(spec.backbone)
+    entries = plan(spec)
+    if not entries:
+        raise ConfigError("the table has no entry: give SemanticKITTI fractions or a nuScenes root")
+    results: dict[Entry, dict] = {}
+    for k, entry in enumerate(entries, 1):
+        cfg = entry_config(spec, entry)
+        path = out / entry.file
+        where = f"[{k}/{len(entries)}] {entry.column}, {entry.init} backbone"
+        result = finished(path, cfg, sha)
+        if result is None:
+            console.rule(where)
+            result = run_segmentation(cfg, spec.backbone, entry.init, out=path, console=console)
+        console.print(f"{where}: mIoU {100 * result['miou']:.2f} ({path.name})")
+        results[entry] = result
+        table = table_record(spec, sha, entries, results)
+        write_json(out / "table.json", table)
+        text = markdown(table)
+        atomic_write(out / "table.md", lambda tmp, text=text: tmp.write_text(text))
+    table["path"] = str(out / "table.json")
+    return table
+
+
+def table_record(
+    spec: TableSpec, sha256: str, entries: list[Entry], results: dict[Entry, dict]
+) -> dict:
+    """The table as JSON: one row per initialisation, mIoU (0-1) per column (None where the
+    entry was not run), each entry's result file, and the spec it measured."""
+    inits = list(dict.fromkeys(e.init for e in entries))
+    cols = columns(spec)
+    rows = {init: dict.fromkeys(cols) for init in inits}
+    for entry, result in results.items():
+        rows[entry.init][entry.column] = result["miou"]
+    return {
+        "backbone": spec.backbone,
+        "backbone_sha256": sha256,
+        "columns": cols,
+        "rows": rows,
+        "entries": [
+            {"column": e.column, "init": e.init, "file": e.file, "done": e in results}
+            for e in entries
+        ],
+        "spec": to_dict(spec),
+    }
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _row_name(init: str, backbone: str) -> str:
+    return "random init" if init == "random" else f"pre-trained ({Path(backbone).name})"
+
+
+def markdown(table: dict) -> str:
+    """The row(s) as a Markdown table (mIoU %), '-' where an entry was not run."""
+    cols = table["columns"]
+    lines = [
+        "| init | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for init, row in sorted(table["rows"].items(), key=lambda kv: kv[0] != "random"):
+        cells = " | ".join(_cell(row[c]) for c in cols)
+        lines.append(f"| {_row_name(init, table['backbone'])} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(table: dict) -> Table:
+    """The row(s) for the terminal, random init first as in the papers."""
+    out = Table(title=f"mIoU (%), {table['backbone']}")
+    out.add_column("init")
+    for c in table["columns"]:
+        out.add_column(c, justify="right")
+    for init, row in sorted(table["rows"].items(), key=lambda kv: kv[0] != "random"):
+        out.add_row(_row_name(init, table["backbone"]), *(_cell(row[c]) for c in table["columns"]))
+    return out
