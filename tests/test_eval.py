@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from hilda.cli.eval import app
 from hilda.datasets.io import DatasetError
+from hilda.errors import HildaError
+from hilda.eval import probe as seg
 from hilda.eval.config import SegConfig, SegDataConfig
 from hilda.eval.data import IGNORE, SegDataset, evenly_spaced, open_split, subset
 from hilda.eval.figures import SIZES
@@ -188,6 +190,55 @@ def test_cached_features_equal_online_without_augmentation(nusc_cfg, tmp_path: P
         [v for _, v in online["loss_curve"]], [v for _, v in cached["loss_curve"]], rtol=1e-3
     )
     assert abs(online["miou"] - cached["miou"]) < 1e-3
+
+
+class Killed(Exception):
+    """Stands for a run killed mid-way."""
+
+
+@pytest.mark.parametrize("mode", ["linear", "finetune"])
+def test_an_interrupted_run_resumes_to_the_same_result(
+    nusc_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Killed after step 3 of 5 with a checkpoint every 2 steps, the rerun continues from
+    step 2 (mid-epoch: 2 steps an epoch) and ends where an uninterrupted run ends."""
+    path = tiny_backbone(tmp_path / "backbone.pt")
+    linear = mode == "linear"
+    cfg = seg_config(
+        nusc_cfg.out,
+        mode=mode,
+        cache_features=linear,  # the linear probe resumes over cached features
+        augment__enabled=not linear,
+        optim__max_steps=5,
+        optim__epochs=10,
+        checkpoint_every=2,
+        deterministic=True,  # 2-thread sparse kernels differ run to run in the last bits
+    )
+    whole = run_segmentation(cfg, path, out=tmp_path / "whole.json")
+    real, calls = seg.seg_loss, []
+
+    def dies_at_step_4(logits, labels):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed
+        return real(logits, labels)
+
+    monkeypatch.setattr(seg, "seg_loss", dies_at_step_4)
+    with pytest.raises(Killed):
+        run_segmentation(cfg, path, out=tmp_path / "resumed.json")
+    partial = tmp_path / "resumed.partial.pt"
+    assert partial.exists() and not (tmp_path / "resumed.json").exists()
+    monkeypatch.setattr(seg, "seg_loss", real)
+    other = dataclasses.replace(cfg, seed=1)
+    with pytest.raises(HildaError, match=r"resumed\.partial\.pt is a partial run of another"):
+        run_segmentation(other, path, out=tmp_path / "resumed.json")
+    resumed = run_segmentation(cfg, path, out=tmp_path / "resumed.json")
+    assert not partial.exists()  # the finished result removes it
+    assert [s for s, _ in resumed["loss_curve"]] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(
+        [v for _, v in resumed["loss_curve"]], [v for _, v in whole["loss_curve"]], rtol=1e-5
+    )
+    assert resumed["confusion"] == whole["confusion"]
 
 
 def test_rankme_on_the_cache(train_store: str, tmp_path: Path) -> None:

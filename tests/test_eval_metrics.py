@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from hilda.eval.config import SegOptimConfig
 from hilda.eval.metrics import confusion, iou_per_class, mean_iou, rankme
+from hilda.train.optim import build_scheduler
 
 
 def test_confusion_and_iou_by_hand() -> None:
@@ -49,3 +51,23 @@ def test_rankme_by_hand() -> None:
     q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
     x = torch.randn(200, 16, dtype=torch.float64)
     assert rankme(x @ q) == pytest.approx(rankme(x), rel=1e-9)
+
+
+@pytest.mark.parametrize(("total", "pct"), [(5, 0.2), (10, 0.1), (4, 0.2), (1, 0.2), (1, 1.0)])
+def test_one_cycle_schedules_of_any_length(total: int, pct: float) -> None:
+    """torch's OneCycleLR divides by zero when pct_start x total == 1; build_scheduler's
+    schedules rise to at most the group's lr and end low whatever the length."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [param], "lr": 1e-3}])
+    settings = SegOptimConfig(pct_start=pct)
+    scheduler = build_scheduler(optimizer, total, settings)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) <= 1e-3 * (1 + 1e-9) and len(lrs) == total
+    if total > 2:
+        assert lrs[-1] < max(lrs)
+        if pct * total >= 1:  # at least one warm-up step (shorter: torch starts at the peak)
+            assert lrs[0] < max(lrs)

@@ -20,7 +20,7 @@ from hilda.cli.eval import app
 from hilda.datasets import semantickitti as kitti
 from hilda.datasets.io import DatasetError
 from hilda.errors import ConfigError, HildaError
-from hilda.eval.config import SegDataConfig
+from hilda.eval.config import SegConfig, SegDataConfig
 from hilda.eval.data import SegDataset, nuscenes_version, open_split
 from hilda.eval.table import (
     TableSpec,
@@ -30,6 +30,8 @@ from hilda.eval.table import (
     plan,
     run_table,
 )
+from hilda.eval.teacher_probe import run_teacher_probe
+from hilda.train.config_io import load_config
 from tests.test_eval import tiny_backbone
 
 QUICK = ["data.num_workers=0", "device=cpu", "log_every=1"]
@@ -65,6 +67,12 @@ def test_semantickitti_config_errors(kitti_cfg) -> None:
         open_split(cfg, "test")  # 11-21 are not in the world
     with pytest.raises(DatasetError, match="splits are"):
         open_split(cfg, "mini_train")
+
+
+def test_the_teacher_probe_needs_camera_frames(kitti_cfg, tmp_path: Path) -> None:
+    cfg = load_config(SegConfig, "eval/tiny_linear_probe", ["data.dataset=semantickitti"])
+    with pytest.raises(HildaError, match="no camera images"):
+        run_teacher_probe(cfg, str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"))
 
 
 def test_finetune_on_semantickitti_from_the_cli(kitti_cfg, tmp_path: Path) -> None:
@@ -170,7 +178,16 @@ def test_table_runs_resumes_and_refuses_another_config(
         raise AssertionError("a finished entry was rerun")
 
     monkeypatch.setattr("hilda.eval.table.run_segmentation", no_run)
-    again = run_table(s, out)
+    # The operational keys (workers, device, logging) may differ: they change no result.
+    operational = {"log_every": 7, "device": "auto", "checkpoint_every": 3}
+    again = dataclasses.replace(
+        s,
+        linear=dataclasses.replace(s.linear, **operational),
+        finetune=dataclasses.replace(
+            s.finetune, data=dataclasses.replace(s.finetune.data, num_workers=1)
+        ),
+    )
+    again = run_table(again, out)
     assert again["rows"] == table["rows"]
     # Another config is refused, naming the file and the key; nothing is overwritten.
     before = (out / "finetune-50pct.json").read_bytes()

@@ -26,7 +26,12 @@ def test_list_presets() -> None:
     assert {"paper_vits", "paper_vitb", "paper_vitl", "tiny_cpu"} <= set(train)
     assert "ablations/table8_final_only" in train and len(train) == 37
     assert not any(n.startswith("eval/") for n in train)
-    assert list_presets("eval") == ["eval/finetune", "eval/linear_probe", "eval/tiny_linear_probe"]
+    assert list_presets("eval") == [
+        "eval/finetune",
+        "eval/linear_probe",
+        "eval/tiny_finetune",
+        "eval/tiny_linear_probe",
+    ]
 
 
 def test_resolve_config(tmp_path: Path) -> None:

@@ -96,14 +96,38 @@ class SegConfig:
     # frame in memory (float16: N points x C x 2 bytes per frame).
     cache_features: bool = False
     seed: int = 0
+    # One thread and deterministic kernels: a run equals the next, bit for bit (tests; slower).
+    deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps
+    # Steps between checkpoints of a run in progress (<result>.partial.pt; 0: none). Rerunning
+    # the same command resumes from the last one; the finished result removes it.
+    checkpoint_every: int = 500
 
     def __post_init__(self) -> None:
         if self.mode not in ("linear", "finetune"):
             raise ConfigError(f"mode must be 'linear' or 'finetune', got {self.mode!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.cache_features and (self.mode != "linear" or self.augment.enabled):
             raise ConfigError(
                 "cache_features needs mode=linear and augment.enabled=false: cached features "
                 "are those of the unaugmented frames under a frozen backbone"
             )
+
+
+# Keys that change how a run goes, not what it measures: a result or a partial run is reused
+# (hilda-eval table, resume) whatever they were.
+OPERATIONAL_KEYS = ("data.num_workers", "device", "log_every", "checkpoint_every")
+
+
+def protocol(config: dict) -> dict:
+    """A config's plain mapping (``to_dict``) without the ``OPERATIONAL_KEYS``."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for key in OPERATIONAL_KEYS:
+        *sections, name = key.split(".")
+        node = out
+        for section in sections:
+            node = node.get(section, {})
+        node.pop(name, None)
+    return out

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
 from hilda.atomic import write_json
+from hilda.determinism import deterministic_mode
 from hilda.eval.config import SegConfig
 from hilda.eval.data import (
     IGNORE,
@@ -35,6 +36,7 @@ from hilda.eval.data import (
     open_split,
 )
 from hilda.eval.metrics import confusion, iou_per_class, mean_iou
+from hilda.eval.partial import FitState, PartialRun, partial_path
 from hilda.eval.segment import Init, Segmenter, build_backbone
 from hilda.train.config_io import to_dict
 from hilda.train.data import ResumableSampler
@@ -111,10 +113,15 @@ def optimizer_for(groups: list[dict], cfg: SegConfig, total: int):
 
 
 def _cached_batches(
-    model: Segmenter, split: Split, cfg: SegConfig, device: torch.device, console: Console
+    model: Segmenter,
+    split: Split,
+    cfg: SegConfig,
+    device: torch.device,
+    console: Console,
+    start: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(epoch, features (N, C), labels (N,)) batches over the frozen backbone's features of
-    every training frame, computed once."""
+    every training frame, computed once; from step ``start`` on."""
     feats, labels = [], []
     model.eval()
     dataset = SegDataset(split, None, intensity_factor=intensity_factor(split))
@@ -124,38 +131,52 @@ def _cached_batches(
             feats.append(model.features(b.points, b.batch).to("cpu", torch.float16))
             labels.append(b.labels.cpu())
     console.print(f"cached frozen features of {len(feats)} training frames")
-    return feature_batches(feats, labels, cfg, device)
+    return feature_batches(feats, labels, cfg, device, start)
+
+
+def _start(samples: int, size: int, start: int) -> tuple[int, int]:
+    """(epoch, sample offset in it) of optimiser step ``start`` (0-based) of ``size``-frame
+    batches over ``samples`` frames an epoch."""
+    epoch, batch = divmod(start, steps_per_epoch(samples, size))
+    return epoch, batch * size
 
 
 def feature_batches(
-    feats: list[torch.Tensor], labels: list[torch.Tensor], cfg: SegConfig, device: torch.device
+    feats: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    cfg: SegConfig,
+    device: torch.device,
+    start: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(epoch, features (N, C), labels (N,)) batches of ``optim.batch_size`` frames, in an
-    order seeded by (seed, epoch), over per-frame features computed once."""
+    order seeded by (seed, epoch), over per-frame features computed once; from step
+    ``start`` on."""
     n, size = len(feats), min(cfg.optim.batch_size, len(feats))
-    epoch = 0
+    epoch, offset = _start(n, size, start)
     while True:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        for i in range(0, n, size):
+        for i in range(offset, n, size):
             rows = order[i : i + size].tolist()
             x = torch.cat([feats[r] for r in rows]).to(device, torch.float32)
             y = torch.cat([labels[r] for r in rows]).to(device)
             yield epoch, x, y
-        epoch += 1
+        epoch, offset = epoch + 1, 0
 
 
 def _online_batches(
-    split: Split, cfg: SegConfig, device: torch.device
+    split: Split, cfg: SegConfig, device: torch.device, start: int = 0
 ) -> Iterator[tuple[int, SegBatch]]:
+    """(epoch, batch) of augmented frames in the sampler's (seed, epoch) order, from step
+    ``start`` on."""
     dataset = SegDataset(split, cfg.augment, cfg.seed, intensity_factor(split))
     sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=cfg.seed)
     size = min(cfg.optim.batch_size, len(dataset))
-    epoch = 0
+    epoch, sampler.start = _start(len(dataset), size, start)
     while True:
         sampler.set_epoch(epoch)
         for b in _loader(dataset, size, cfg.data.num_workers, sampler):
             yield epoch, b.to(device)
-        epoch += 1
+        epoch, sampler.start = epoch + 1, 0
 
 
 def fit(
@@ -166,10 +187,15 @@ def fit(
     total: int,
     cfg: SegConfig,
     console: Console,
+    state: FitState | None = None,
+    save: Callable[[FitState], None] | None = None,
 ) -> list[tuple[int, float]]:
-    """``total`` optimiser steps over ``batches`` of (epoch, *batch); returns the loss curve
-    (every ``log_every`` steps) and shows progress."""
-    curve: list[tuple[int, float]] = []
+    """Optimiser steps up to ``total`` over ``batches`` of (epoch, *batch), continuing
+    ``state`` (steps done, curve so far; ``batches`` must start after them); returns the loss
+    curve (every ``log_every`` steps), shows progress, and hands the state to ``save`` every
+    ``checkpoint_every`` steps and after the last."""
+    state = state or FitState()
+    curve = state.curve
     progress = Progress(
         TextColumn(f"[bold]{cfg.mode}[/]"),
         BarColumn(),
@@ -179,8 +205,8 @@ def fit(
         disable=not console.is_terminal,
     )
     with progress:
-        task = progress.add_task(cfg.mode, total=total, status="")
-        for step, (epoch, *batch) in zip(range(1, total + 1), batches, strict=False):
+        task = progress.add_task(cfg.mode, total=total, completed=state.step, status="")
+        for step, (epoch, *batch) in zip(range(state.step + 1, total + 1), batches, strict=False):
             loss = loss_of(tuple(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,6 +220,11 @@ def fit(
                 if not console.is_terminal:
                     console.print(f"{cfg.mode} step {step}/{total} epoch {epoch} loss {value:.4f}")
             progress.update(task, completed=step, status=f"loss {value:.4f}")
+            state.step = step
+            # The last step is saved too: a failure while scoring keeps the trained weights.
+            every = cfg.checkpoint_every
+            if save is not None and every and (step % every == 0 or step == total):
+                save(state)
     return curve
 
 
@@ -218,14 +249,20 @@ def _train(
     device: torch.device,
     total: int,
     console: Console,
+    partial: PartialRun,
 ) -> list[tuple[int, float]]:
-    """``total`` steps of the head (linear probe) or of everything (fine-tune); the loss
-    curve."""
+    """``total`` steps of the head (linear probe) or of everything (fine-tune), resumed from
+    ``partial``'s checkpoint when there is one; the loss curve."""
     optimizer, scheduler = _optimizer(model, cfg, total)
+    state = partial.load(model, optimizer, scheduler)
+    if state.step:
+        console.print(f"resuming from step {state.step} of {total} ({partial.path.name})")
+    if state.step >= total:
+        return state.curve
     batches = (
-        _cached_batches(model, split, cfg, device, console)
+        _cached_batches(model, split, cfg, device, console, state.step)
         if cfg.cache_features
-        else _online_batches(split, cfg, device)
+        else _online_batches(split, cfg, device, state.step)
     )
 
     def loss_of(batch: tuple) -> torch.Tensor:
@@ -236,7 +273,10 @@ def _train(
         (b,) = batch
         return seg_loss(model(b.points, b.batch), b.labels)
 
-    curve = fit(loss_of, batches, optimizer, scheduler, total, cfg, console)
+    def save(s: FitState) -> None:
+        partial.save(s, model, optimizer, scheduler)
+
+    curve = fit(loss_of, batches, optimizer, scheduler, total, cfg, console, state, save)
     batches.close()  # stops a DataLoader mid-epoch (its workers) now, not at garbage collection
     return curve
 
@@ -302,15 +342,21 @@ def run_segmentation(
         f"{train_split.total} {train_name} frames, {len(val_split.frames)} {val_name} frames, "
         f"{total} steps on {device}"
     )
-    curve = _train(model, train_split, cfg, device, total, console)
-    train_seconds = time.perf_counter() - tick
-
-    conf = evaluate(model, val_split, cfg, device)
+    if out is None:
+        path = result_path(backbone, cfg.mode, cfg.data.fraction, init, cfg.data.dataset)
+    else:
+        path = Path(out)
+    sha = file_sha256(backbone)
+    partial = PartialRun(partial_path(path), to_dict(cfg), sha, init)
+    with deterministic_mode(cfg.deterministic):  # after build_backbone imported the backend
+        curve = _train(model, train_split, cfg, device, total, console, partial)
+        train_seconds = time.perf_counter() - tick
+        conf = evaluate(model, val_split, cfg, device)
     result = {
         "protocol": "linear-probe" if cfg.mode == "linear" else "finetune",
         "init": init,
         "backbone": str(backbone),
-        "backbone_sha256": file_sha256(backbone),
+        "backbone_sha256": sha,
         **split_record(cfg, train_split, val_split),
         "steps": total,
         "device": str(device),
@@ -320,10 +366,7 @@ def run_segmentation(
         "seconds": time.perf_counter() - tick,
         "config": to_dict(cfg),
     }
-    if out is None:
-        path = result_path(backbone, cfg.mode, cfg.data.fraction, init, cfg.data.dataset)
-    else:
-        path = Path(out)
     write_json(path, result)
+    partial.remove()
     result["path"] = str(path)
     return result

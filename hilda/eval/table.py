@@ -7,8 +7,9 @@ fine-tunes on 1, 5, 10, 25 and 100% of the labelled training frames, and of a fi
 each, when asked), runs each through ``run_segmentation`` into its own result JSON in the
 output folder, and rewrites ``table.json`` and ``table.md`` after every entry. A rerun skips
 every entry whose result is there with the same config and checkpoint, so an interrupted
-table resumes where it stopped; a result of another config or checkpoint is an error that
-names the file, never silently overwritten.
+table resumes where it stopped (an entry interrupted midway continues from its last
+checkpoint, ``hilda.eval.partial``); a result of another config or checkpoint is an error
+that names the file, never silently overwritten.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from hilda.atomic import atomic_write, write_json
 from hilda.errors import ConfigError, HildaError
-from hilda.eval.config import SegConfig
+from hilda.eval.config import SegConfig, protocol
 from hilda.eval.probe import file_sha256, result_name, run_segmentation
 from hilda.eval.report import read_result
 from hilda.eval.segment import Init
@@ -160,8 +161,9 @@ def _first_difference(a: object, b: object, path: str = "") -> str | None:
 
 
 def finished(path: Path, cfg: SegConfig, sha256: str) -> dict | None:
-    """The result at ``path`` when it measured this config on this checkpoint; None when
-    there is none. A result of another config or checkpoint is an error naming the file."""
+    """The result at ``path`` when it measured this config (but for its operational keys:
+    workers, device, logging) on this checkpoint; None when there is none. A result of another
+    config or checkpoint is an error naming the file."""
     if not path.exists():
         return None
     result = read_result(path)
@@ -171,7 +173,7 @@ def finished(path: Path, cfg: SegConfig, sha256: str) -> dict | None:
             f"{path} measured another checkpoint (SHA-256 {theirs[:12]}, this one "
             f"{sha256[:12]}): move it away or pass another --out"
         )
-    diff = _first_difference(to_dict(cfg), result.get("config"))
+    diff = _first_difference(protocol(to_dict(cfg)), protocol(result.get("config") or {}))
     if diff:
         raise HildaError(
             f"{path} was run with another config ({diff}): move it away or pass another --out "

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from hilda.atomic import atomic_write, write_json
+from hilda.determinism import deterministic_mode
 from hilda.errors import ConfigError, HildaError
 from hilda.models.convert import convert_state, save_backbone
 from hilda.models.sparse import load_ops
@@ -150,31 +150,6 @@ def train_step(
     return logged
 
 
-@contextlib.contextmanager
-def _configured(cfg: TrainConfig) -> Iterator[None]:
-    """The run's numeric settings, undone afterwards (a process that trains, then evaluates,
-    gets its threads back)."""
-    if not cfg.run.deterministic:
-        yield
-        return
-    # Deterministic kernels where torch has them, and one thread in every native thread pool
-    # (torch's OpenMP, and the OpenBLAS that MinkowskiEngine's CPU build calls, which
-    # torch.set_num_threads does not reach): two 2-thread runs differed by ~5e-6 after 4
-    # steps, 1-thread runs are bit-identical. Entered after the sparse backend is imported.
-    from threadpoolctl import threadpool_limits
-
-    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(1)
-    limits = threadpool_limits(limits=1)
-    try:
-        yield
-    finally:
-        limits.restore_original_limits()
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(was)
-
-
 def train(
     cfg: TrainConfig,
     store: str,
@@ -187,9 +162,9 @@ def train(
     out = Path(out)
     console = console or Console()
     world = init_distributed(device_type(cfg.run.device))
-    load_ops(cfg.model.student.backend)  # imported before the thread settings (see _configured)
+    load_ops(cfg.model.student.backend)  # before the thread settings (deterministic_mode)
     try:
-        with _configured(cfg):
+        with deterministic_mode(cfg.run.deterministic):
             return _train(cfg, store, out, resume, console, world)
     finally:
         shutdown(world)

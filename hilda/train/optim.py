@@ -32,11 +32,16 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.OneCycleLR:
     """OneCycle over ``total`` steps peaking at each group's ``lr`` (cosine unless the
     settings have ``anneal``)."""
+    pct_start = o.pct_start
+    if math.isclose(pct_start * total, 1.0):
+        # torch ends the warm-up at step pct_start x total - 1 and divides by that: 0 here
+        # (e.g. 5 steps at 0.2) raises ZeroDivisionError. A hair off keeps the schedule.
+        pct_start *= 1.0 + 1e-6 if pct_start < 1.0 else 1.0 - 1e-6
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=[g["lr"] for g in optimizer.param_groups],
         total_steps=total,
-        pct_start=o.pct_start,
+        pct_start=pct_start,
         anneal_strategy=getattr(o, "anneal", "cos"),
         div_factor=o.div_factor,
         final_div_factor=o.final_div_factor,
