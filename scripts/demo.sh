@@ -46,7 +46,7 @@ cat <<'NOTE'
 [demo] synthetic world's class-specific colours and textures to features, which the student
 [demo] learns to predict from the LiDAR points. The mIoU figures below measure that signal
 [demo] on a toy world after minutes of CPU training; they are not comparable to the paper's.
-[demo] The fine-tunes run 40 steps each: they show the workflow, not what fine-tuning reaches.
+[demo] The fine-tunes run 10 short epochs: they show the workflow, not what fine-tuning reaches.
 NOTE
 TABLE="$OUT/pretrain/backbone.table"
 hilda-eval table --backbone "$BACKBONE" --nuscenes-root "$OUT/nuscenes" \
