@@ -13,6 +13,7 @@ carries its classes and its intensity range, so the rest of ``hilda.eval`` is da
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -56,10 +57,6 @@ class Split:
     intensity_range: float  # the files' intensity scale (255 nuScenes, 1 SemanticKITTI)
 
 
-def layout_of(dataset: str) -> Layout:
-    return "semantickitti" if dataset == "semantickitti" else "nuscenes"
-
-
 def subset(n: int, fraction: float) -> np.ndarray:
     """Indices of the ``fraction`` of n frames a run uses, in order: every k-th frame from the
     first when the fraction is 1/k (Sec. C.2: "1% subsets by sampling every 100th frame"),
@@ -91,14 +88,7 @@ def open_split(
     keep = subset(len(full.frames), fraction)
     if max_frames is not None and max_frames < len(keep):
         keep = keep[evenly_spaced(len(keep), max_frames / len(keep))]
-    return Split(
-        full.layout,
-        [full.frames[i] for i in keep],
-        full.classes,
-        full.lut,
-        full.total,
-        full.intensity_range,
-    )
+    return dataclasses.replace(full, frames=[full.frames[i] for i in keep])
 
 
 def _nusc_split(cfg: SegDataConfig, split: str) -> Split:
