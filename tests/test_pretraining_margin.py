@@ -49,8 +49,8 @@ MARGIN = {"dinov2": 0.01, "oracle": 0.15}
 MEAN_MARGIN = 0.04
 ORACLE_FRACTION = 0.5  # of the oracle's own probe mIoU at the LiDAR points
 # The oracle's own probe: its features are class embeddings, so the head converges in a
-# quarter of the student probe's 200 epochs (59.03 mIoU at 50, 59.58 at 200: docs/notes.md),
-# and each of its steps passes ~90k points of 384 channels.
+# quarter of the student probe's 200 epochs (the figures are in docs/notes.md), and each of
+# its steps passes ~90k points of 384 channels.
 TEACHER_PROBE_EPOCHS = 50
 
 
