@@ -32,15 +32,15 @@ import torch
 
 from hilda.cache import CacheReader
 from hilda.datasets.io import read_sweep
+from hilda.engine import augment
+from hilda.engine.config_io import load_config
 from hilda.models.teacher import MultiLayerTeacher, build_teacher, parse_layers, preprocess
 from hilda.pipeline.ops.occlusion import visible_mask
 from hilda.pipeline.ops.occupancy import OccupancyConfig, ego_compensate, future_occupancy
 from hilda.pipeline.ops.projection import frame_pairs
 from hilda.pipeline.stages.pointmaps import BORDER_PX, MIN_DEPTH, PointmapConfig
 from hilda.pipeline.stages.teacher import load_images
-from hilda.train import augment
 from hilda.train.config import TrainConfig
-from hilda.train.config_io import load_config
 from hilda.train.data import CacheDataset, check_cache, collate, sample_index
 
 

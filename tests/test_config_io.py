@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from hilda.engine.config_io import load_config, save_config, to_dict
 from hilda.errors import ConfigError
 from hilda.models.diffusion import DiffusionConfig
 from hilda.models.student import StudentConfig
-from hilda.train.config_io import load_config, save_config, to_dict
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from hilda.cli.eval import app
 from hilda.datasets.io import DatasetError
+from hilda.engine.augment import AugmentConfig
+from hilda.engine.config_io import from_dict
 from hilda.errors import HildaError
 from hilda.eval import probe as seg
 from hilda.eval.config import SegConfig, SegDataConfig
@@ -28,8 +30,6 @@ from hilda.eval.viz import central_anchor, cosine_to, patch_of, pca_basis, pca_r
 from hilda.models.convert import save_backbone
 from hilda.models.student import StudentConfig, build_student
 from hilda.models.voxelize import VoxelConfig
-from hilda.train.config import AugmentConfig
-from hilda.train.config_io import from_dict
 
 TINY = StudentConfig(
     init_dim=8, planes=(8, 16, 16, 16, 16, 16, 16, 16), layers=(1,) * 8, out_channels=16
@@ -100,7 +100,8 @@ def test_split_reads_mapped_labels(nusc_cfg) -> None:
     # The synthetic world labels road, buildings and cars: driveable_surface (10), manmade
     # (14), car (3) in the 0-based 16-class order.
     assert {3, 10, 14} <= set(np.unique(labels).tolist())
-    assert len(open_split(cfg, "mini_train", fraction=0.34).frames) == 1
+    frames = dataclasses.replace(cfg, subset="frames")
+    assert len(open_split(frames, "mini_train", fraction=0.34).frames) == 1
     assert [f.token for f in open_split(cfg, "mini_val", max_frames=2).frames] == [
         val.frames[0].token,
         val.frames[2].token,

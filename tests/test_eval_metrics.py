@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from hilda.engine.optim import build_scheduler
 from hilda.eval.config import SegOptimConfig
 from hilda.eval.metrics import confusion, iou_per_class, mean_iou, rankme
-from hilda.train.optim import build_scheduler
 
 
 def test_confusion_and_iou_by_hand() -> None:

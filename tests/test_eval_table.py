@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from hilda.cli.eval import app
 from hilda.datasets import semantickitti as kitti
 from hilda.datasets.io import DatasetError
+from hilda.engine.config_io import load_config
 from hilda.errors import ConfigError, HildaError
 from hilda.eval.config import SegConfig, SegDataConfig
 from hilda.eval.data import SegDataset, nuscenes_version, open_split
@@ -26,12 +27,13 @@ from hilda.eval.table import (
     TableSpec,
     columns,
     entry_config,
+    gain_verdict,
+    gains,
     load_table_configs,
     plan,
     run_table,
 )
 from hilda.eval.teacher_probe import run_teacher_probe
-from hilda.train.config_io import load_config
 from tests.test_eval import tiny_backbone
 
 QUICK = ["data.num_workers=0", "device=cpu", "log_every=1"]
@@ -86,6 +88,8 @@ def test_finetune_on_semantickitti_from_the_cli(kitti_cfg, tmp_path: Path) -> No
     saved = json.loads((tmp_path / "backbone.semantickitti.finetune-10pct.json").read_text())
     assert saved["dataset"] == "semantickitti" and saved["version"] is None
     assert saved["train_frames"] == 1 and saved["train_frames_total"] == 10
+    assert saved["subset"] == {"fraction": 0.1, "rule": "frames", "k": 10}
+    assert saved["train_tokens"] == ["00/000000"]  # the exact frames, as SS/NNNNNN
     assert saved["classes"] == list(kitti.CLASSES) and list(saved["iou"]) == list(kitti.CLASSES)
     assert np.array(saved["confusion"]).shape == (19, 19)
     assert saved["intensity"] == {"dataset_range": 1.0, "pretraining_range": 255.0, "factor": 255.0}
@@ -95,10 +99,12 @@ def test_finetune_on_semantickitti_from_the_cli(kitti_cfg, tmp_path: Path) -> No
 
 
 def spec(backbone: Path, nusc: Path | None, kitti_root: Path | None, **kw) -> TableSpec:
+    # nusc_cfg's train split is one scene: a scene subset of it would be empty, so its
+    # fractions take every k-th frame.
+    sets = ["linear.optim.epochs=2", "finetune.optim.max_steps=1", "optim.batch_size=2"]
+    sets.append("finetune.data.subset=frames")
     linear, finetune = load_table_configs(
-        "eval/tiny_linear_probe",
-        "eval/tiny_finetune",
-        [*QUICK, "linear.optim.epochs=2", "finetune.optim.max_steps=1", "optim.batch_size=2"],
+        "eval/tiny_linear_probe", "eval/tiny_finetune", [*QUICK, *sets]
     )
     return TableSpec(
         backbone=str(backbone),
@@ -170,6 +176,8 @@ def test_table_runs_resumes_and_refuses_another_config(
     md = (out / "table.md").read_text().splitlines()
     assert md[0].startswith("| init | nuScenes LP | nuScenes 50% | SemanticKITTI 1% |")
     assert md[2].startswith("| random init |") and md[3].startswith("| pre-trained (backbone.pt)")
+    assert table["subsets"] == {"nuScenes 50%": "frames", "SemanticKITTI 1%": "frames"}
+    assert md[-1] == "Label fractions: nuScenes 50%: frames, SemanticKITTI 1%: frames"
     kitti_result = json.loads((out / "semantickitti.finetune-1pct.json").read_text())
     assert kitti_result["intensity"]["factor"] == 255.0 and len(kitti_result["iou"]) == 19
 
@@ -215,3 +223,33 @@ def test_table_cli(nusc_cfg, tmp_path: Path) -> None:
     assert table["rows"]["pretrained"]["SemanticKITTI 1%"] is None  # no SemanticKITTI root
     res = CliRunner().invoke(app, ["table", "--backbone", str(backbone)])
     assert res.exit_code == 2 and "needs a dataset" in res.output
+
+
+def test_gain_of_each_column_and_its_verdict(tmp_path: Path) -> None:
+    """``hilda-eval gain``: pre-trained minus random init per column, and a verdict against
+    an expected gain that says plainly when it was not reached (exit 1 only with --strict)."""
+    table = {
+        "columns": ["nuScenes LP", "nuScenes 100%"],
+        "rows": {
+            "pretrained": {"nuScenes LP": 0.30, "nuScenes 100%": None},
+            "random": {"nuScenes LP": 0.20, "nuScenes 100%": 0.25},
+        },
+    }
+    assert gains(table)["nuScenes LP"] == pytest.approx(0.10)
+    assert gains(table)["nuScenes 100%"] is None
+    ok, text = gain_verdict(table, "nuScenes LP", 0.05)
+    assert ok and "+10.0 points" in text and "above the expected +5.0" in text
+    ok, text = gain_verdict(table, "nuScenes LP", 0.12)
+    assert not ok and "NOT above the expected +12.0" in text
+    with pytest.raises(ConfigError, match="random-init entry"):
+        gain_verdict(table, "nuScenes 100%", 0.0)
+    with pytest.raises(ConfigError, match="no column"):
+        gain_verdict(table, "SemanticKITTI 1%", 0.0)
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    runner = CliRunner()
+    res = runner.invoke(app, ["gain", str(tmp_path), "--column", "nuScenes LP", "--expect", "5"])
+    assert res.exit_code == 0 and "nuScenes 100%: -" in res.output, res.output
+    args = ["gain", str(tmp_path / "table.json"), "--column", "nuScenes LP", "--expect", "12"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "NOT above" in res.output, res.output
+    assert runner.invoke(app, [*args, "--strict"]).exit_code == 1

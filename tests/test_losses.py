@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hilda.engine.config_io import load_config
+from hilda.models.grid import sample_grid
 from hilda.models.voxelize import voxelize
 from hilda.train.config import TrainConfig
-from hilda.train.config_io import load_config
 from hilda.train.data import CacheDataset, check_cache, collate, sample_index, teacher_means
 from hilda.train.losses import (
     LossWeights,
@@ -20,7 +21,6 @@ from hilda.train.losses import (
     diffusion_loss,
     distill_loss,
     multilayer_distill_loss,
-    sample_grid,
     teacher_targets,
     total_loss,
 )

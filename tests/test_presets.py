@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from hilda.engine.config_io import load_config
 from hilda.errors import ConfigError
 from hilda.presets import list_presets, preset_root, resolve_config
 from hilda.train.config import TrainConfig
-from hilda.train.config_io import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,8 @@ def test_wheel_install_ships_the_presets(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     check = (
         "import hilda, sys; from hilda.presets import list_presets; "
-        "from hilda.train.config import TrainConfig; from hilda.train.config_io import load_config;"
+        "from hilda.train.config import TrainConfig;"
+        " from hilda.engine.config_io import load_config;"
         f" assert hilda.__file__.startswith({site!r}), hilda.__file__;"
         " assert 'ablations/table7_base' in list_presets('train');"
         " print(load_config(TrainConfig, 'paper_vitb').data.teacher_arch)"

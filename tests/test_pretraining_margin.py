@@ -5,14 +5,22 @@ with the oracle teacher, whose features are known class embeddings; and the stud
 from the oracle reaches a clear fraction of the oracle's own probe at the LiDAR points.
 
 The world is the demo's (3 scenes of 6 keyframes: 2 train scenes, 1 val scene). Both
-pre-trainings run in ``run.deterministic`` mode with fixed seeds, so one run of this test
-equals the next: the margins asserted here are the recorded ones (docs/notes.md) less room for
-the probes' own floating-point noise. The two runs use one thread each and run side by side.
+pre-trainings run in ``run.deterministic`` mode with a fixed seed, so a run of this test equals
+the next on one machine. Not across machines: another CPU's BLAS and vectorised kernels change
+the last bits, and 96 steps of training turn them into another backbone, as another
+pre-training seed would. So every margin here is one that holds for every pre-training seed
+measured (``benchmarks/learning_spread.py``: 5 seeds, 1 and 2 threads, other BLAS core types;
+the figures and the sources of variation are in docs/notes.md), asserted on the mean over the
+probe seeds, with room.
+
+``HILDA_TEST_THREADS=N`` runs the two pre-trainings without deterministic mode on N threads
+each (what a user's default run does), to check that the margins hold there too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +31,11 @@ from typer.testing import CliRunner
 
 from hilda.cli.eval import app
 from hilda.datasets.synthetic.generate import SyntheticConfig, make_synthetic
+from hilda.engine.config_io import load_config
 from hilda.eval.config import SegConfig
 from hilda.eval.probe import run_segmentation
+from hilda.eval.table import gain_verdict
 from hilda.eval.teacher_probe import run_teacher_probe
-from hilda.train.config_io import load_config
 from tests.pipeline_helpers import TEACHER as PIPELINE_TEACHER
 from tests.pipeline_helpers import build_cache
 from tests.train_helpers import CONFIGS
@@ -34,7 +43,10 @@ from tests.train_helpers import CONFIGS
 # ``hilda-eval table`` on this world and on the synthetic world in SemanticKITTI layout: the
 # tiny probe of ``probe_config`` (seed 0) and fine-tunes of a few steps, for the test that the
 # row is complete and shows pre-training's gain.
+# The world's train split holds 2 scenes, too few for scene subsets: its fractions take every
+# k-th frame.
 TABLE_SETS = ("data.num_workers=0", "seed=0", "finetune.optim.max_steps=2")
+TABLE_SETS += ("finetune.data.subset=frames",)
 
 WORLD = dict(format="nuscenes", scenes=3, frames_per_scene=6, seed=0, image_size=(640, 360))
 TEACHERS = {  # the demo's teacher resolution
@@ -42,16 +54,29 @@ TEACHERS = {  # the demo's teacher resolution
     "oracle": dict(teacher="oracle", layers="last2", image_size=(448, 224), name="oracle"),
 }
 STEPS = 96
-SEEDS = (0, 1, 2)
-# mIoU by which the smallest pre-trained seed beats the largest random-init seed, and (random
-# DINOv2 teacher) by which the means differ: the recorded values less room (docs/notes.md).
-MARGIN = {"dinov2": 0.01, "oracle": 0.15}
-MEAN_MARGIN = 0.04
-ORACLE_FRACTION = 0.5  # of the oracle's own probe mIoU at the LiDAR points
+SEEDS = (0, 1, 2)  # probe seeds
+# mIoU by which the mean of the pre-trained probes beats the mean of the random-init ones:
+# below the smallest gain over the pre-training seeds measured, with room (docs/notes.md).
+MEAN_GAIN = {"dinov2": 0.01, "oracle": 0.10}
+# The same for one probe seed (0, the table's): the oracle student's row in ``hilda-eval table``.
+TABLE_GAIN = 0.10
+ORACLE_FRACTION = 0.45  # of the oracle's own probe mIoU at the LiDAR points (probe mean)
 # The oracle's own probe: its features are class embeddings, so the head converges in a
 # quarter of the student probe's 200 epochs (the figures are in docs/notes.md), and each of
 # its steps passes ~90k points of 384 channels.
 TEACHER_PROBE_EPOCHS = 50
+# 0: deterministic mode (one thread); N: non-deterministic on N threads (module docstring).
+THREADS = int(os.environ.get("HILDA_TEST_THREADS", "0"))
+
+
+def train_env() -> dict[str, str]:
+    """The pre-training processes' environment: N threads for torch and OpenBLAS when
+    ``THREADS`` asks for them (deterministic mode sets one thread itself)."""
+    env = dict(os.environ)
+    if THREADS:
+        for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[key] = str(THREADS)
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +112,18 @@ def runs(world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
                 str(root / f"{name}.zarr"),
                 "--out",
                 str(root / name),
-                *("--set", "run.deterministic=true", "--set", f"optim.max_steps={STEPS}"),
+                *(
+                    "--set",
+                    f"run.deterministic={THREADS == 0}",
+                    "--set",
+                    f"optim.max_steps={STEPS}",
+                ),
                 *("--set", "data.num_workers=0", "--set", "run.tensorboard=false"),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=train_env(),
         )
         for name in TEACHERS
     }
@@ -139,9 +170,7 @@ def test_pretrained_backbone_probes_clearly_above_random_init(
     pre = probes(world, runs["dinov2"] / "backbone.pt", "pretrained", runs["dinov2"])
     text = report("random DINOv2 teacher", pre, random_init)
     print(text)
-    # Every pre-trained seed beats every random-init seed, and the means differ clearly.
-    assert pre.min() - random_init.max() > MARGIN["dinov2"], text
-    assert pre.mean() - random_init.mean() > MEAN_MARGIN, text
+    assert pre.mean() - random_init.mean() > MEAN_GAIN["dinov2"], text
 
 
 def test_oracle_semantics_transfer_to_the_student(
@@ -159,8 +188,8 @@ def test_oracle_semantics_transfer_to_the_student(
     )["miou"]
     text = f"{report('oracle teacher', pre, random_init)}, oracle's own {100 * teacher:.2f}"
     print(text)
-    assert pre.min() - random_init.max() > MARGIN["oracle"], text
-    assert pre.min() > ORACLE_FRACTION * teacher, text
+    assert pre.mean() - random_init.mean() > MEAN_GAIN["oracle"], text
+    assert pre.mean() > ORACLE_FRACTION * teacher, text
 
 
 def test_table_row_on_both_formats(
@@ -168,8 +197,8 @@ def test_table_row_on_both_formats(
 ) -> None:
     """``hilda-eval table`` end to end on the synthetic world in nuScenes and SemanticKITTI
     layout with tiny budgets: every entry of the row and of the random-init baseline is
-    filled, and the oracle-distilled checkpoint's linear probe beats random init's by the
-    margin the probes above assert (the same probe, seed 0)."""
+    filled, and the oracle-distilled checkpoint's linear probe beats random init's by a margin
+    that holds for every pre-training seed at probe seed 0 (the table's)."""
     args = ["table", "--backbone", str(runs["oracle"] / "backbone.pt"), "--init", "random"]
     args += ["--nuscenes-root", str(world), "--semantickitti-root", str(kitti_cfg.out)]
     args += ["--linear-config", "eval/tiny_linear_probe", "--finetune-config", "eval/tiny_finetune"]
@@ -184,5 +213,5 @@ def test_table_row_on_both_formats(
     assert len(table["columns"]) == 7
     for init in ("pretrained", "random"):
         assert all(rows[init][c] is not None for c in table["columns"]), rows
-    gain = rows["pretrained"]["nuScenes LP"] - rows["random"]["nuScenes LP"]
-    assert gain > MARGIN["oracle"], rows
+    ok, text = gain_verdict(table, "nuScenes LP", TABLE_GAIN)
+    assert ok, text

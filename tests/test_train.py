@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
+from hilda.engine.config_io import load_config
 from hilda.models.convert import backbone_voxel_config, load_backbone, read_backbone_state
 from hilda.presets import list_presets
 from hilda.train.config import TrainConfig
-from hilda.train.config_io import load_config
 from hilda.train.loop import train
 from tests.train_helpers import CONFIGS, SMALL
 
@@ -212,7 +212,7 @@ def test_cli_incompatible_cache_is_one_clear_error(train_store: str, tmp_path: P
 
 def test_saved_config_reloads(tmp_path: Path) -> None:
     cfg = load_config(TrainConfig, CONFIGS / "ablations" / "table8_aggregate_last3.yaml")
-    from hilda.train.config_io import save_config
+    from hilda.engine.config_io import save_config
 
     path = save_config(cfg, tmp_path / "c.yaml")
     assert load_config(TrainConfig, path) == cfg

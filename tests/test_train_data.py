@@ -11,20 +11,21 @@ import torch
 import zarr
 
 from hilda.cache import CacheMismatchError
+from hilda.engine import augment
+from hilda.engine.augment import AugmentConfig
+from hilda.engine.checkpoint import load_checkpoint, save_checkpoint
+from hilda.engine.config_io import load_config
+from hilda.engine.distributed import CpuSyncBatchNorm, sync_batchnorm
+from hilda.engine.sampler import ResumableSampler
 from hilda.errors import ConfigError, HildaError
-from hilda.train import augment
-from hilda.train.checkpoint import load_checkpoint, save_checkpoint
-from hilda.train.config import AugmentConfig, TrainConfig
-from hilda.train.config_io import load_config
+from hilda.train.config import TrainConfig
 from hilda.train.data import (
     CacheDataset,
-    ResumableSampler,
     check_cache,
     collate,
     sample_index,
     subsample_per_image,
 )
-from hilda.train.distributed import CpuSyncBatchNorm, sync_batchnorm
 from tests.train_helpers import CONFIGS, SMALL
 
 CELL = 0.4
@@ -261,8 +262,8 @@ def test_config_refuses_training_nothing() -> None:
 def test_teacher_centring_uses_the_pairs_mean(train_store: str) -> None:
     """loss.center_teacher: the centre is the mean teacher feature at the point-pixel pairs
     (here against the dataset + collate path over every pair), kept in the model's state."""
+    from hilda.models.grid import sample_grid
     from hilda.train.data import teacher_means
-    from hilda.train.losses import sample_grid
     from hilda.train.model import HildaModel
 
     cfg = load_config(

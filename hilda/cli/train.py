@@ -53,8 +53,8 @@ def run_cmd(
 ) -> None:
     """Pre-train the student on the cache. Several processes: `torchrun --nproc_per_node N
     --no-python hilda-train run ...` (gloo on CPU, NCCL on CUDA)."""
+    from hilda.engine.config_io import load_config
     from hilda.train.config import TrainConfig
-    from hilda.train.config_io import load_config
     from hilda.train.loop import train
 
     cfg = load_config(TrainConfig, config, overrides or [])
@@ -66,8 +66,8 @@ def run_cmd(
 def check_cmd(store: Store, config: ConfigFile = None, overrides: Overrides = None) -> None:
     """Check that the cache can feed the config (teacher, blocks, stages, schema) and count
     the samples, without training."""
+    from hilda.engine.config_io import load_config
     from hilda.train.config import TrainConfig
-    from hilda.train.config_io import load_config
     from hilda.train.data import check_cache, sample_index
 
     cfg = load_config(TrainConfig, config, overrides or [])

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hilda.engine.augment import AugmentConfig
 from hilda.errors import ConfigError
-from hilda.train.config import AugmentConfig
 
 EvalDataset = Literal["nuscenes", "synthetic", "semantickitti"]
 
@@ -45,10 +45,18 @@ class SegDataConfig:
     version: str | None = None  # nuScenes version; None: DATASET_DEFAULTS
     train_split: str | None = None
     val_split: str | None = None
-    # Labelled training frames used (Table 1's label fractions), in scene order: every k-th
-    # frame when the fraction is 1/k (1% = every 100th frame, Sec. C.2), otherwise an evenly
-    # spaced subset.
+    # Labelled training frames used (Table 1's label fractions), chosen by ``subset``.
     fraction: float = 1.0
+    # How a fraction picks its frames (hilda.eval.data.subset_frames), k = round(1/fraction):
+    # "scenes": the k-th, 2k-th, ... scene of the split in table order with all its keyframes
+    #   (SLidR's nuScenes protocol: 1% = 7 of the 700 train scenes);
+    # "frames": every k-th frame in split order (SemanticKITTI's 1% in SLidR and ScaLR,
+    #   sorted(scan paths)[::100]; an evenly spaced subset when the fraction is not 1/k);
+    # "file": the frames ``subset_file`` lists (lidar tokens or sweep file names, one a line,
+    #   or a .npy of them, e.g. ScaLR's lists);
+    # "auto": "scenes" on nuScenes and the synthetic world, "frames" on SemanticKITTI.
+    subset: Literal["auto", "scenes", "frames", "file"] = "auto"
+    subset_file: str | None = None
     max_val_frames: int | None = None  # evaluate on an evenly spaced subset (quick checks)
     num_workers: int = 2  # DataLoader worker processes reading sweeps and labels
 
@@ -61,6 +69,19 @@ class SegDataConfig:
             raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
         if self.dataset == "semantickitti" and self.version is not None:
             raise ConfigError("data.version is a nuScenes setting; SemanticKITTI has none")
+        if self.subset not in ("auto", "scenes", "frames", "file"):
+            raise ConfigError(
+                f"data.subset must be auto, scenes, frames or file, got {self.subset!r}"
+            )
+        if (self.subset == "file") != (self.subset_file is not None):
+            raise ConfigError("data.subset=file and data.subset_file go together")
+
+    @property
+    def subset_rule(self) -> str:
+        """The subset rule in force: ``subset`` with "auto" resolved for the dataset."""
+        if self.subset != "auto":
+            return self.subset
+        return "frames" if self.dataset == "semantickitti" else "scenes"
 
     def resolved(self) -> tuple[str | None, str, str]:
         """(version (None for SemanticKITTI), train split, val split)."""

@@ -14,6 +14,7 @@ carries its classes and its intensity range, so the rest of ``hilda.eval`` is da
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,11 +28,11 @@ from hilda.datasets import open_dataset
 from hilda.datasets import semantickitti as kitti
 from hilda.datasets.classes import COARSE_CLASSES
 from hilda.datasets.io import DatasetError, read_lidarseg_labels, read_sweep
+from hilda.engine import augment
+from hilda.engine.augment import AugmentConfig
+from hilda.engine.sampler import sample_seed
 from hilda.errors import HildaError
 from hilda.eval.config import NUSCENES_SPLITS, SegDataConfig
-from hilda.train import augment
-from hilda.train.config import AugmentConfig
-from hilda.train.data import sample_seed
 
 NUSCENES_CLASSES: tuple[str, ...] = COARSE_CLASSES[1:]  # the 16 evaluation classes, 0..15
 IGNORE = -1
@@ -42,9 +43,13 @@ INTENSITY_RANGE: dict[str, float] = {"nuscenes": 255.0, "semantickitti": kitti.I
 
 @dataclass(frozen=True)
 class LabelledFrame:
-    token: str
+    token: str  # nuScenes sample token / SemanticKITTI "SS/NNNNNN" (error messages)
     lidar_file: str
     labels_file: str
+    scene: str = ""  # nuScenes scene name / SemanticKITTI sequence
+    # What a result records of the frames it trained on: the LIDAR_TOP sample_data token
+    # (nuScenes), "SS/NNNNNN" (SemanticKITTI).
+    lidar_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,13 @@ class Split:
     lut: np.ndarray  # (R,) int64 raw label id -> 0..K-1 or IGNORE (-2: unknown, KITTI)
     total: int  # labelled frames in the split before any subsetting
     intensity_range: float  # the files' intensity scale (255 nuScenes, 1 SemanticKITTI)
+    # The split's scenes (sequences) in the dataset's own order: nuScenes' scene table order,
+    # SemanticKITTI's sequence order. The scene protocol counts them.
+    scenes: tuple[str, ...] = ()
+    root: str = ""
+    # How ``frames`` were chosen from the split (a result records it): {"rule": "all"} or
+    # the rule of ``subset_frames`` with its parameters.
+    subset: dict = dataclasses.field(default_factory=lambda: {"rule": "all"})
 
 
 def subset(n: int, fraction: float) -> np.ndarray:
@@ -65,6 +77,96 @@ def subset(n: int, fraction: float) -> np.ndarray:
     if abs(k * fraction - 1.0) < 1e-9:
         return np.arange(0, n, k, dtype=np.int64)
     return evenly_spaced(n, fraction)
+
+
+def scene_subset(scenes: tuple[str, ...], frame_scenes: list[str], fraction: float) -> np.ndarray:
+    """SLidR's nuScenes label fractions (``downstream/dataloader_nuscenes.py``): walk the
+    split's scenes in table order with a counter incremented before the test and keep a scene,
+    with all its keyframes, when the counter is a multiple of k = round(1 / fraction), i.e.
+    the k-th, 2k-th, ... scene (1% of the 700 train scenes: 7). Indices into ``frame_scenes``
+    (each frame's scene), in order."""
+    k = max(1, round(1.0 / fraction))
+    kept = {name for i, name in enumerate(scenes, 1) if i % k == 0}
+    return np.array([i for i, s in enumerate(frame_scenes) if s in kept], dtype=np.int64)
+
+
+def read_subset_file(path: str | Path) -> list[str]:
+    """The entries of a subset list: a text file (one lidar sample_data token or sweep file
+    name a line; blank lines and ``#`` comments skipped) or a ``.npy`` array of them (ScaLR's
+    lists)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"subset file {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            entries = [str(e) for e in np.load(path, allow_pickle=False).ravel()]
+        except ValueError as exc:
+            raise DatasetError(f"subset file {path}: not an array of strings ({exc})") from None
+    else:
+        lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+        entries = [line for line in lines if line]
+    if not entries:
+        raise DatasetError(f"subset file {path} lists no frame")
+    return entries
+
+
+def file_subset(split: Split, path: str | Path) -> np.ndarray:
+    """Indices of the frames a subset file lists, in split order. An entry names a frame by
+    its lidar token, by its sweep's path under the dataset root, or by the sweep's file name;
+    an entry that names no frame of the split is an error naming it."""
+    names: dict[str, int] = {}
+    for i, f in enumerate(split.frames):
+        lidar = Path(f.lidar_file)
+        keys = {f.lidar_token, f.token, lidar.name, str(lidar)}
+        if split.root and lidar.is_relative_to(split.root):
+            keys.add(str(lidar.relative_to(split.root)))
+        names.update(dict.fromkeys(keys - {""}, i))
+    entries = read_subset_file(path)
+    missing = [e for e in entries if e not in names]
+    if missing:
+        raise DatasetError(
+            f"subset file {path}: {len(missing)} of {len(entries)} entries name no frame of "
+            f"this split (first: {missing[0]!r}); entries are lidar tokens or sweep file names"
+        )
+    return np.array(sorted({names[e] for e in entries}), dtype=np.int64)
+
+
+def subset_frames(split: Split, cfg: SegDataConfig, fraction: float) -> Split:
+    """The frames of ``split`` a run trains on, by ``cfg``'s subset rule, with the rule
+    recorded in ``Split.subset``:
+    - ``scenes``: every k-th scene with all its keyframes (``scene_subset``, SLidR's nuScenes
+      protocol, the default on nuScenes);
+    - ``frames``: every k-th frame in split order (``subset``; SemanticKITTI's default, which is
+      SLidR's and ScaLR's ``sorted(paths)[::100]`` for 1%);
+    - ``file``: the frames a list names (``file_subset``, e.g. ScaLR's lists)."""
+    rule, k = cfg.subset_rule, max(1, round(1.0 / fraction))
+    if rule == "file":
+        keep = file_subset(split, cfg.subset_file)
+        record = {"rule": "file", "file": cfg.subset_file, "sha256": file_sha256(cfg.subset_file)}
+    elif fraction >= 1.0:
+        return split
+    elif rule == "scenes":
+        keep = scene_subset(split.scenes, [f.scene for f in split.frames], fraction)
+        if not len(keep):
+            raise DatasetError(
+                f"label fraction {fraction:g} keeps every {k}-th scene of the split, and its "
+                f"{len(split.scenes)} scenes hold none: use a larger fraction or "
+                "data.subset=frames (every k-th frame)"
+            )
+        scenes = list(dict.fromkeys(split.frames[i].scene for i in keep))
+        record = {"rule": "scenes", "k": k, "scenes": scenes}
+    else:
+        keep = subset(len(split.frames), fraction)
+        one_over_k = abs(k * fraction - 1.0) < 1e-9  # else evenly spaced frames: no k
+        record = {"rule": "frames", "k": k if one_over_k else None}
+    frames = [split.frames[i] for i in keep]
+    return dataclasses.replace(split, frames=frames, subset={"fraction": fraction, **record})
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (a result names the exact checkpoint and subset list it used)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def nuscenes_version(root: str | Path) -> str:
@@ -85,10 +187,11 @@ def open_split(
     full = _kitti_split(cfg, split) if cfg.dataset == "semantickitti" else _nusc_split(cfg, split)
     if not full.frames:
         raise DatasetError(f"split {split!r} of {cfg.root} has no frames")
-    keep = subset(len(full.frames), fraction)
-    if max_frames is not None and max_frames < len(keep):
-        keep = keep[evenly_spaced(len(keep), max_frames / len(keep))]
-    return dataclasses.replace(full, frames=[full.frames[i] for i in keep])
+    part = subset_frames(full, cfg, fraction)
+    if max_frames is not None and max_frames < len(part.frames):
+        keep = evenly_spaced(len(part.frames), max_frames / len(part.frames))
+        part = dataclasses.replace(part, frames=[part.frames[i] for i in keep])
+    return part
 
 
 def _nusc_split(cfg: SegDataConfig, split: str) -> Split:
@@ -106,16 +209,25 @@ def _nusc_split(cfg: SegDataConfig, split: str) -> Split:
             f"have no lidarseg label file (first: frame {missing[0]})"
         )
     lut = reader.coarse_label_lut.astype(np.int64) - 1  # 0 (ignore) -> -1
-    frames = [LabelledFrame(f.token, f.lidar_file, f.labels_file) for f in reader.frames]
+    frames = [
+        LabelledFrame(f.token, f.lidar_file, f.labels_file, f.scene, f.extra["lidar_sample_data"])
+        for f in reader.frames
+    ]
+    in_split = {f.scene for f in frames}
+    scenes = tuple(s["name"] for s in reader.nusc.scene if s["name"] in in_split)  # table order
     scale = INTENSITY_RANGE["nuscenes"]
-    return Split("nuscenes", frames, NUSCENES_CLASSES, lut, len(frames), scale)
+    return Split(
+        "nuscenes", frames, NUSCENES_CLASSES, lut, len(frames), scale, scenes, str(cfg.root)
+    )
 
 
 def _kitti_split(cfg: SegDataConfig, split: str) -> Split:
     scans = kitti.open_split(cfg.root, split)
     if any(s.label_file is None for s in scans):
         raise DatasetError(f"SemanticKITTI split {split!r} has no labels (test sequences)")
-    frames = [LabelledFrame(s.token, s.scan_file, str(s.label_file)) for s in scans]
+    frames = [
+        LabelledFrame(s.token, s.scan_file, str(s.label_file), s.sequence, s.token) for s in scans
+    ]
     return Split(
         "semantickitti",
         frames,
@@ -123,6 +235,8 @@ def _kitti_split(cfg: SegDataConfig, split: str) -> Split:
         kitti.label_lut(),
         len(frames),
         INTENSITY_RANGE["semantickitti"],
+        tuple(dict.fromkeys(s.sequence for s in scans)),
+        str(cfg.root),
     )
 
 

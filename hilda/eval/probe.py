@@ -10,7 +10,6 @@ checkpoint's SHA-256 and the resolved config.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,10 @@ from torch.utils.data import DataLoader
 
 from hilda.atomic import write_json
 from hilda.determinism import deterministic_mode
+from hilda.engine.config_io import to_dict
+from hilda.engine.distributed import World, pick_device
+from hilda.engine.optim import build_optimizer, build_scheduler, steps_per_epoch, total_steps
+from hilda.engine.sampler import ResumableSampler
 from hilda.eval.config import SegConfig
 from hilda.eval.data import (
     IGNORE,
@@ -33,16 +36,12 @@ from hilda.eval.data import (
     SegDataset,
     Split,
     collate_seg,
+    file_sha256,
     open_split,
 )
 from hilda.eval.metrics import confusion, iou_per_class, mean_iou
 from hilda.eval.partial import FitState, PartialRun, partial_path
 from hilda.eval.segment import Init, Segmenter, build_backbone
-from hilda.train.config_io import to_dict
-from hilda.train.data import ResumableSampler
-from hilda.train.distributed import World
-from hilda.train.loop import pick_device
-from hilda.train.optim import build_optimizer, build_scheduler, steps_per_epoch, total_steps
 
 # hilda pre-trains on nuScenes and AV2 sweeps, whose intensities are both 0-255: the scale a
 # pre-trained backbone's input features were learned on.
@@ -71,12 +70,6 @@ def intensity_factor(split: Split) -> float:
     """The factor that puts ``split``'s intensities on the pre-training scale (SemanticKITTI's
     0-1 remission x 255; 1 for nuScenes), so the input features mean the same on both."""
     return PRETRAINING_INTENSITY_RANGE / split.intensity_range
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file (a result names the exact checkpoint it measured)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _loader(dataset: SegDataset, batch: int, workers: int, sampler=None) -> DataLoader:
@@ -300,6 +293,10 @@ def split_record(cfg: SegConfig, train: Split, val: Split) -> dict:
             "pretraining_range": PRETRAINING_INTENSITY_RANGE,
             "factor": intensity_factor(train),
         },
+        # The protocol that chose the training frames, and the frames themselves (nuScenes
+        # LIDAR_TOP sample_data tokens, SemanticKITTI "SS/NNNNNN"): enough to rerun or compare.
+        "subset": train.subset,
+        "train_tokens": [f.lidar_token for f in train.frames],
     }
 
 

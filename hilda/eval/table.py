@@ -23,12 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from hilda.atomic import atomic_write, write_json
+from hilda.engine.config_io import load_config, to_dict
 from hilda.errors import ConfigError, HildaError
 from hilda.eval.config import SegConfig, protocol
-from hilda.eval.probe import file_sha256, result_name, run_segmentation
+from hilda.eval.data import file_sha256
+from hilda.eval.probe import result_name, run_segmentation
 from hilda.eval.report import read_result
 from hilda.eval.segment import Init
-from hilda.train.config_io import load_config, to_dict
 
 NUSCENES_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 SEMANTICKITTI_FRACTIONS = (0.01,)
@@ -221,13 +222,17 @@ def table_record(
     inits = list(dict.fromkeys(e.init for e in entries))
     cols = columns(spec)
     rows = {init: dict.fromkeys(cols) for init in inits}
+    subsets: dict[str, str] = {}
     for entry, result in results.items():
         rows[entry.init][entry.column] = result["miou"]
+        if entry.mode == "finetune":  # the protocol that chose the column's frames
+            subsets[entry.column] = result.get("subset", {}).get("rule", "unrecorded")
     return {
         "backbone": spec.backbone,
         "backbone_sha256": sha256,
         "columns": cols,
         "rows": rows,
+        "subsets": subsets,
         "entries": [
             {"column": e.column, "init": e.init, "file": e.file, "done": e in results}
             for e in entries
@@ -254,7 +259,42 @@ def markdown(table: dict) -> str:
     for init, row in sorted(table["rows"].items(), key=lambda kv: kv[0] != "random"):
         cells = " | ".join(_cell(row[c]) for c in cols)
         lines.append(f"| {_row_name(init, table['backbone'])} | {cells} |")
+    rules = table.get("subsets", {})
+    if rules:
+        lines += ["", "Label fractions: " + ", ".join(f"{c}: {r}" for c, r in rules.items())]
     return "\n".join(lines) + "\n"
+
+
+def gains(table: dict) -> dict[str, float | None]:
+    """Pre-trained minus random-init mIoU (0-1) per column; None where either entry is missing
+    (or the table has no random-init row)."""
+    rows = table["rows"]
+    pre, rand = rows.get("pretrained", {}), rows.get("random", {})
+    return {
+        c: None if pre.get(c) is None or rand.get(c) is None else pre[c] - rand[c]
+        for c in table["columns"]
+    }
+
+
+def gain_verdict(table: dict, column: str, expected: float) -> tuple[bool, str]:
+    """Whether the pre-trained backbone beats random init in ``column`` by more than
+    ``expected`` (0-1), and a sentence that says so plainly."""
+    if column not in table["columns"]:
+        raise ConfigError(f"the table has no column {column!r}; it has {table['columns']}")
+    gain = gains(table)[column]
+    if gain is None:
+        raise ConfigError(
+            f"{column}: the table needs both the pre-trained and the random-init entry "
+            "(hilda-eval table --init random)"
+        )
+    rows = table["rows"]
+    what = (
+        f"{column}: pre-trained {_cell(rows['pretrained'][column])}, random init "
+        f"{_cell(rows['random'][column])}, gain {100 * gain:+.1f} points"
+    )
+    if gain > expected:
+        return True, f"{what}, above the expected {100 * expected:+.1f}"
+    return False, f"{what}, NOT above the expected {100 * expected:+.1f}"
 
 
 def rich_table(table: dict) -> Table:

@@ -20,15 +20,15 @@ from rich.console import Console
 
 from hilda.atomic import write_json
 from hilda.cache import CacheReader
+from hilda.engine.config_io import to_dict
+from hilda.engine.optim import steps_per_epoch, total_steps
 from hilda.errors import HildaError
 from hilda.eval.config import SegConfig
 from hilda.eval.data import IGNORE, Split, open_split, read_labelled
 from hilda.eval.metrics import confusion
 from hilda.eval.probe import feature_batches, fit, optimizer_for, scores, seg_loss
 from hilda.eval.segment import SegmentationHead
-from hilda.train.config_io import to_dict
-from hilda.train.losses import sample_grid
-from hilda.train.optim import steps_per_epoch, total_steps
+from hilda.models.grid import sample_grid
 
 
 def labelled_teacher_points(

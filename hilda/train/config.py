@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hilda.engine.augment import AugmentConfig
 from hilda.errors import ConfigError
 from hilda.models.diffusion import DiffusionConfig
 from hilda.models.heads import HeadConfig
@@ -19,20 +20,6 @@ from hilda.models.occupancy_heads import AlsoConfig
 from hilda.models.student import STAGE_STRIDES, StudentConfig
 from hilda.models.voxelize import VoxelConfig
 from hilda.train.losses import LossWeights
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Table F3, one draw per sample, applied to both sweeps and the BEV target."""
-
-    enabled: bool = True
-    # Radians, as Table F3 states (Pointcept's RandomRotate multiplies its range by pi).
-    rotate: tuple[float, float] = (-1.0, 1.0)
-    rotate_p: float = 0.5
-    scale: tuple[float, float] = (0.9, 1.1)
-    flip_p: float = 0.5  # x and y each flipped with this probability (Pointcept RandomFlip)
-    jitter_sigma: float = 0.005
-    jitter_clip: float = 0.02
 
 
 @dataclass(frozen=True)

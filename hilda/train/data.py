@@ -9,12 +9,11 @@ are not samples; they are counted and reported.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from hilda.cache import (
     CacheMismatchError,
@@ -24,9 +23,10 @@ from hilda.cache import (
     TeacherGroup,
     evenly_spaced,
 )
+from hilda.engine import augment
+from hilda.engine.sampler import sample_seed
 from hilda.errors import ConfigError, HildaError
 from hilda.pipeline.ops.occupancy import ego_compensate
-from hilda.train import augment
 from hilda.train.config import TrainConfig
 
 
@@ -117,7 +117,7 @@ def teacher_means(info: CacheInfo, frames: np.ndarray, count: int) -> dict[int, 
     points land (bilinear at the pairs' uv, as Eq. 1 samples them), over ``count`` of
     ``frames`` spread evenly. The mean over pairs, not over all patches: sky and the image
     edges hold no points, and an all-patch mean would leave a constant in the targets."""
-    from hilda.train.losses import sample_grid  # torch-side; imported here to keep data light
+    from hilda.models.grid import sample_grid  # torch-side; imported here to keep data light
 
     reader = CacheReader(info.store, ["pointmaps"])
     teacher = info.teacher_group
@@ -169,13 +169,6 @@ def sample_index(store: str, info: CacheInfo, needs_occupancy: bool) -> SampleIn
             frames.append(f)
             prevs.append(p)
     return SampleIndex(np.asarray(frames, np.int64), np.asarray(prevs, np.int64), excluded)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's randomness (augmentation, diffusion noise): a function of the
-    run seed, the epoch and the sample alone, so it does not depend on the worker, the
-    process layout or a resume."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint32)[0])
 
 
 def subsample_per_image(cam: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -270,21 +263,6 @@ class CacheDataset(Dataset):
         if cap is not None:
             pairs = pairs.take(subsample_per_image(pairs.cam, cap, rng))
         return {"point": pairs.point, "cam": pairs.cam, "uv": pairs.uv}
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that yields (index, epoch) and can start mid-epoch (resume)."""
-
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.start = 0  # samples of this rank's epoch list to skip
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.start :]
-        return iter([(i, self.epoch) for i in indices])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
 
 
 @dataclass

@@ -10,7 +10,6 @@ samples, world size), ``metrics.jsonl`` (one line per logged step), ``tb/`` (Ten
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,27 +23,36 @@ from torch.utils.data import DataLoader
 
 from hilda.atomic import atomic_write, write_json
 from hilda.determinism import deterministic_mode
+from hilda.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from hilda.engine.config_io import from_dict, save_config, to_dict
+from hilda.engine.distributed import (
+    World,
+    device_type,
+    init_distributed,
+    pick_device,
+    reduce_mean,
+    shutdown,
+    sync_batchnorm,
+)
+from hilda.engine.metrics import MetricsLog
+from hilda.engine.optim import build_optimizer, build_scheduler, total_steps
+from hilda.engine.sampler import ResumableSampler
 from hilda.errors import ConfigError, HildaError
 from hilda.models.convert import convert_state, save_backbone
 from hilda.models.sparse import load_ops
-from hilda.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from hilda.train.config import TrainConfig
-from hilda.train.config_io import from_dict, save_config, to_dict
 from hilda.train.data import (
     Batch,
     CacheDataset,
     CacheInfo,
-    ResumableSampler,
     SampleIndex,
     check_cache,
     collate,
     sample_index,
     teacher_means,
 )
-from hilda.train.distributed import World, init_distributed, reduce_mean, shutdown, sync_batchnorm
 from hilda.train.losses import total_loss
 from hilda.train.model import HildaModel
-from hilda.train.optim import build_optimizer, build_scheduler, total_steps
 
 EQ4_TERMS = ("distill", "cls", "aux")
 
@@ -55,65 +63,6 @@ class RunResult:
     steps: int
     final: dict[str, float]  # last logged metrics
     backbone: Path | None
-
-
-def device_type(name: str) -> str:
-    """``run.device`` (auto | cpu | cuda) -> "cpu" or "cuda"."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def pick_device(name: str, world: World) -> torch.device:
-    name = device_type(name)
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("run.device=cuda but torch sees no CUDA device")
-        return torch.device("cuda", world.local_rank)
-    if name != "cpu":
-        raise ConfigError(f"run.device must be auto, cpu or cuda, got {name!r}")
-    return torch.device("cpu")
-
-
-class MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on the main process."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
-        self.path = out / "metrics.jsonl"
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step >= 0 and self.path.exists():  # drop lines past the resume point
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
-            self.path.write_text("".join(f"{line}\n" for line in keep))
-        elif resume_step < 0:
-            self.path.write_text("")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency; a broken install only loses TB
-                Console(stderr=True).print("[yellow]tensorboard unavailable: metrics.jsonl only")
-            else:
-                self.writer = SummaryWriter(str(out / "tb"), purge_step=max(resume_step, 0) + 1)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch", "time"):
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def train_step(

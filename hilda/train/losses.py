@@ -3,7 +3,7 @@ trainer calls (``hilda.train.model``) and the tests check against hand-computed 
 torch.
 
 Every loss reduces its per-image / per-sample values with ``reduce``: by default their mean
-(``batch_mean``); the trainer passes ``hilda.train.distributed.global_mean``, this process's
+(``batch_mean``); the trainer passes ``hilda.engine.distributed.global_mean``, this process's
 share of the mean over the global batch, so DDP with any process count trains like one process.
 
 Teacher patch grids are sampled bilinearly at each point-pixel pair's uv, which equals
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch_scatter import scatter_max, scatter_mean
 
 from hilda.errors import ConfigError
+from hilda.models.grid import sample_grid
 
 DISTILL_LOSSES = ("cosine", "l2", "kl")  # Table 9 / A13
 
@@ -33,32 +34,6 @@ def batch_mean(values: torch.Tensor) -> torch.Tensor:
     """(n,) -> their mean; an empty batch gives 0 still attached to the graph (so DDP's
     gradient buckets stay complete)."""
     return values.mean() if len(values) else values.sum() * 0.0
-
-
-def sample_grid(
-    grid: torch.Tensor, image: torch.Tensor, uv: torch.Tensor, image_size: torch.Tensor
-) -> torch.Tensor:
-    """Bilinear teacher features at pairs.
-
-    grid (I, h, w, D) patch features of I images; image (Q,) which image each pair sees;
-    uv (Q, 2) pixel coordinates in the original image; image_size (I, 2) its (W, H).
-    Returns (Q, D).
-    """
-    if len(uv) == 0:
-        return grid.new_zeros((0, grid.shape[-1]))
-    size = image_size[image].to(uv.dtype)  # (Q, 2)
-    norm = (2 * uv + 1) / size - 1  # (Q, 2) in [-1, 1]
-    feats = grid.permute(0, 3, 1, 2).float()  # (I, D, h, w)
-    # One image at a time keeps the sampling grid small: (1, 1, Q_i, 2) per image.
-    out = grid.new_empty((len(uv), grid.shape[-1]), dtype=torch.float32)
-    for i in torch.unique(image).tolist():
-        sel = image == i
-        g = norm[sel].view(1, 1, -1, 2).float()
-        sampled = F.grid_sample(
-            feats[i : i + 1], g, mode="bilinear", padding_mode="border", align_corners=False
-        )
-        out[sel] = sampled[0, :, 0].t()  # (Q_i, D)
-    return out
 
 
 def pair_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:

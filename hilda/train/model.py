@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hilda.engine.distributed import global_mean
 from hilda.errors import ConfigError
 from hilda.models.bev import bev_pool
 from hilda.models.diffusion import DiffusionHead, draw_per_sample
@@ -22,7 +23,6 @@ from hilda.models.student import build_student
 from hilda.models.voxelize import voxelize
 from hilda.train.config import TrainConfig
 from hilda.train.data import Batch
-from hilda.train.distributed import global_mean
 from hilda.train.losses import (
     cls_loss,
     cls_loss_per_image,

@@ -13,7 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hilda.train.config import AugmentConfig
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Table F3, one draw per sample, applied to both sweeps and the BEV target."""
+
+    enabled: bool = True
+    # Radians, as Table F3 states (Pointcept's RandomRotate multiplies its range by pi).
+    rotate: tuple[float, float] = (-1.0, 1.0)
+    rotate_p: float = 0.5
+    scale: tuple[float, float] = (0.9, 1.1)
+    flip_p: float = 0.5  # x and y each flipped with this probability (Pointcept RandomFlip)
+    jitter_sigma: float = 0.005
+    jitter_clip: float = 0.02
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hilda.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -31,6 +33,24 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+
+def device_type(name: str) -> str:
+    """``run.device`` (auto | cpu | cuda) -> "cpu" or "cuda"."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def pick_device(name: str, world: World) -> torch.device:
+    name = device_type(name)
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device=cuda but torch sees no CUDA device")
+        return torch.device("cuda", world.local_rank)
+    if name != "cpu":
+        raise ConfigError(f"run.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
 
 
 def init_distributed(device_type: str) -> World:

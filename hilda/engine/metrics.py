@@ -1,0 +1,50 @@
+"""The metrics log of a run: ``metrics.jsonl`` and TensorBoard, written by the main process,
+cut back to the resume point when a run continues."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard) on the main process."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step >= 0 and self.path.exists():  # drop lines past the resume point
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
+            self.path.write_text("".join(f"{line}\n" for line in keep))
+        elif resume_step < 0:
+            self.path.write_text("")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install only loses TB
+                Console(stderr=True).print("[yellow]tensorboard unavailable: metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(out / "tb"), purge_step=max(resume_step, 0) + 1)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch", "time"):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
