@@ -130,3 +130,63 @@ def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["frames", "--root", str(tmp_path), "--version", "v1.0-test"])
     assert result.exit_code == 2
     assert "version folder" in result.output and "Traceback" not in result.output
+
+
+def _tables(root: Path, name: str) -> list[dict]:
+    return json.loads((root / "v1.0-mini" / f"{name}.json").read_text())
+
+
+def _write_tables(root: Path, name: str, rows: list[dict]) -> None:
+    (root / "v1.0-mini" / f"{name}.json").write_text(json.dumps(rows))
+
+
+def test_a_link_to_a_missing_sample_names_the_tables_and_token(nusc_copy: Path) -> None:
+    samples = _tables(nusc_copy, "sample")
+    samples[0]["next"] = "f" * 32
+    _write_tables(nusc_copy, "sample", samples)
+    with pytest.raises(DatasetError, match=rf"links to sample {'f' * 32}, which sample\.json"):
+        open_dataset("nuscenes", str(nusc_copy))
+
+
+def test_a_chain_that_skips_a_sample_is_an_error_not_a_dropped_frame(nusc_copy: Path) -> None:
+    samples = _tables(nusc_copy, "sample")
+    by_token = {s["token"]: s for s in samples}
+    first = next(s for s in samples if not s["prev"])
+    second = by_token[first["next"]]
+    first["next"] = second["next"]  # past the second sample
+    _write_tables(nusc_copy, "sample", samples)
+    with pytest.raises(DatasetError, match=r"nbr_samples=3 in scene\.json, but 2 samples"):
+        open_dataset("nuscenes", str(nusc_copy))
+
+
+def test_looping_samples_are_an_error(nusc_copy: Path) -> None:
+    samples = _tables(nusc_copy, "sample")
+    first = next(s for s in samples if not s["prev"])
+    last = next(s for s in samples if s["scene_token"] == first["scene_token"] and not s["next"])
+    last["next"] = first["token"]
+    _write_tables(nusc_copy, "sample", samples)
+    with pytest.raises(DatasetError, match=rf"loop back to sample {first['token']}"):
+        open_dataset("nuscenes", str(nusc_copy))
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b""])
+def test_an_unreadable_teacher_checkpoint_names_the_file(tmp_path: Path, content: bytes) -> None:
+    from hilda.errors import ConfigError
+    from hilda.models.teacher import build_teacher
+
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"teacher checkpoint {re.escape(str(path))} cannot"):
+        build_teacher(str(path))
+
+
+@pytest.mark.parametrize(
+    "override", ["optim.max_steps=-5", "optim.epochs=0", "optim.batch_size=0", "optim.lr=0"]
+)
+def test_check_refuses_what_run_would(override: str) -> None:
+    from hilda.engine.config_io import load_config
+    from hilda.errors import ConfigError
+    from hilda.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(TrainConfig, "tiny_cpu", [override])

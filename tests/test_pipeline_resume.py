@@ -129,3 +129,56 @@ def test_corrupt_image_fails_or_is_skipped(nusc_cfg: SyntheticConfig, tmp_path: 
     group = zarr.open_group(str(store), mode="r")["teacher/vits"]
     assert group["done"][:].all() and list(group.attrs["skipped"]) == ["5"]
     assert not np.any(group["layer_11"][5]) and np.any(group["layer_11"][4])
+
+
+class CutShort(Exception):
+    """Stands for a kill while a group is being created."""
+
+
+def test_a_group_cut_short_in_creation_is_rebuilt(
+    nusc_cfg: SyntheticConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between the group's metadata and its arrays: every command names the stage
+    that repairs it, and rerunning that stage (plain or --overwrite) gives the store an
+    uninterrupted run gives, byte for byte."""
+    from hilda.data_schemas.validate import StoreValidationError, validate_store
+    from hilda.pipeline import store_io
+    from hilda.pipeline.ops.occupancy import OccupancyConfig
+    from hilda.pipeline.stages.occupancy import OccupancyStageConfig, run_occupancy
+
+    base = tmp_path / "base.zarr"
+    build_cache(nusc_cfg.out, str(base), stages=("index", "pointmaps"))
+    reference, cut = tmp_path / "reference.zarr", tmp_path / "cut.zarr"
+    shutil.copytree(base, reference)
+    shutil.copytree(base, cut)
+    opts = StageOptions(cluster=ClusterConfig(workers=1))
+
+    def occupancy(store: Path, options: StageOptions = opts) -> None:
+        cfg = OccupancyStageConfig(store=str(store), occupancy=OccupancyConfig(grid=256))
+        run_occupancy(cfg, options)
+
+    occupancy(reference)
+    real, calls = store_io.array_layout, []
+
+    def dies_at_the_second_array(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise CutShort
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_io, "array_layout", dies_at_the_second_array)
+    with pytest.raises(CutShort):
+        occupancy(cut)
+    monkeypatch.setattr(store_io, "array_layout", real)
+    with pytest.raises(StoreValidationError, match=r"occupancy/ is half-made.*build-occupancy"):
+        validate_store(str(cut))
+    occupancy(cut)  # a plain rerun rebuilds it
+    assert array_files(cut) == array_files(reference)
+    # --overwrite after a cut-short creation, the same.
+    monkeypatch.setattr(store_io, "array_layout", dies_at_the_second_array)
+    calls.clear()
+    with pytest.raises(CutShort):
+        occupancy(cut, StageOptions(cluster=ClusterConfig(workers=1), overwrite=True))
+    monkeypatch.setattr(store_io, "array_layout", real)
+    occupancy(cut, StageOptions(cluster=ClusterConfig(workers=1), overwrite=True))
+    assert array_files(cut) == array_files(reference)

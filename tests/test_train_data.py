@@ -13,7 +13,12 @@ import zarr
 from hilda.cache import CacheMismatchError
 from hilda.engine import augment
 from hilda.engine.augment import AugmentConfig
-from hilda.engine.checkpoint import load_checkpoint, save_checkpoint
+from hilda.engine.checkpoint import (
+    load_checkpoint,
+    load_latest_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
 from hilda.engine.config_io import load_config
 from hilda.engine.distributed import CpuSyncBatchNorm, sync_batchnorm
 from hilda.engine.sampler import ResumableSampler
@@ -119,6 +124,24 @@ def test_checkpoint_round_trip_loads_weights_only(tmp_path: Path) -> None:
     torch.save({"format": "hilda-train-checkpoint", "obj": Path("x")}, tmp_path / "bad.pt")
     with pytest.raises(HildaError, match=r"bad\.pt"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "last.pt"
+    path.parent.mkdir()
+    save_checkpoint(path, {"step": 10})
+    save_checkpoint(path, {"step": 20})
+    assert previous_path(path) == tmp_path / "checkpoints" / "last.previous.pt"
+    blob, used = load_latest_checkpoint(path)
+    assert (blob["step"], used) == (20, path)
+    path.write_bytes(path.read_bytes()[:100])  # torn
+    warnings: list[str] = []
+    blob, used = load_latest_checkpoint(path, warnings.append)
+    assert (blob["step"], used) == (10, previous_path(path))
+    assert "last.pt" in warnings[0] and "last.previous.pt" in warnings[0]
+    previous_path(path).unlink()
+    with pytest.raises(HildaError, match=r"last\.pt"):
+        load_latest_checkpoint(path)
 
 
 def test_cpu_sync_batchnorm_is_batchnorm_in_one_process() -> None:

@@ -54,6 +54,23 @@ class ArraySpec:
         return tuple(resolve_dim(d, dims) for d in self.shape)
 
 
+# Attribute of a group being created (hilda.pipeline.store_io.create_group); present only in
+# a group whose creation was cut short.
+BUILDING = "_building"
+
+
+def is_half_made(group: Any) -> bool:
+    """Whether a stage group's creation was cut short (it still carries ``BUILDING``)."""
+    return bool(group.attrs.get(BUILDING, False))
+
+
+def stage_command(group: str) -> str:
+    """The ``hilda-prep`` command that builds a group (``teacher/<name>`` included)."""
+    commands = {"index": "index", "points": "index", "pointmaps": "build-pointmaps"}
+    commands |= {"occupancy": "build-occupancy", "teacher": "extract-teacher"}
+    return f"hilda-prep {commands.get(group.split('/')[0], group)}"
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     name: str

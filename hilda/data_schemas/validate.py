@@ -19,8 +19,10 @@ from hilda.data_schemas.store import (
     SCHEMA_VERSION,
     STAGE_GROUPS,
     GroupSpec,
+    is_half_made,
     normalize_store,
     num_shards,
+    stage_command,
     teacher_group,
 )
 from hilda.errors import HildaError
@@ -55,6 +57,12 @@ def _check_group(
         return
     if not isinstance(group, zarr.Group):
         problems.append(f"{spec.name} is an array, expected a group")
+        return
+    if is_half_made(group):
+        problems.append(
+            f"group {spec.name}/ is half-made (its creation was cut short): rerun "
+            f"`{stage_command(spec.name)}` to rebuild it"
+        )
         return
     attrs = dict(group.attrs)
     for key in spec.required_attrs:
@@ -111,12 +119,14 @@ def validate_store(
     require: Iterable[str] = ("index",),
     dataset: str | None = None,
     teacher: str | None = None,
+    rebuild: str | None = None,
 ) -> zarr.Group:
     """Check the store at ``path`` (a folder or any fsspec URL zarr accepts).
 
     ``require`` names the groups that must exist (e.g. ``("index", "points")`` before the
     point-map stage); every other known group is checked when present. ``dataset`` refuses a
-    store built from another dataset; ``teacher`` requires ``teacher/<teacher>``.
+    store built from another dataset; ``teacher`` requires ``teacher/<teacher>``; ``rebuild``
+    names a group the caller is about to (re)build, which is not checked.
     Returns the opened root group (read-only). Raises ``StoreValidationError`` listing every
     violation.
     """
@@ -130,7 +140,7 @@ def validate_store(
     dims = _index_dims(root)
     if dims:
         _check_group(root, INDEX, dims, problems)
-        _check_stage_groups(root, dims, require, teacher, problems)
+        _check_stage_groups(root, dims, require, teacher, problems, rebuild)
     elif "index" in require:
         problems.append("group index/ is missing: run `hilda-prep index` first")
     if problems:
@@ -172,10 +182,18 @@ def _index_dims(root: zarr.Group) -> dict[str, int]:
 
 
 def _check_stage_groups(
-    root: zarr.Group, dims: dict[str, int], require: set[str], teacher: str | None, problems
+    root: zarr.Group,
+    dims: dict[str, int],
+    require: set[str],
+    teacher: str | None,
+    problems: list[str],
+    rebuild: str | None = None,
 ) -> None:
-    """Every stage group present (and each required one exists), every teacher group."""
+    """Every stage group present (and each required one exists), every teacher group, but
+    ``rebuild``."""
     for spec in STAGE_GROUPS[1:]:
+        if spec.name == rebuild:
+            continue
         if spec.name in root:
             _check_group(root, spec, dims, problems)
         elif spec.name in require:
@@ -183,6 +201,14 @@ def _check_stage_groups(
     teachers = root["teacher"] if "teacher" in root else None
     names = list(teachers.group_keys()) if teachers is not None else []
     for name in names:
+        if f"teacher/{name}" == rebuild:
+            continue
+        if is_half_made(teachers[name]):
+            problems.append(
+                f"group teacher/{name}/ is half-made (its creation was cut short): rerun "
+                f"`{stage_command('teacher')}` to rebuild it"
+            )
+            continue
         blocks = dict(teachers[name].attrs).get("blocks")
         if not isinstance(blocks, list):
             problems.append(f"teacher/{name}/ lacks the attribute 'blocks'")

@@ -107,11 +107,7 @@ class NuScenesReader:
     def _build(self, scenes: list[dict]) -> list[Frame]:
         samples: list[tuple[dict, dict]] = []
         for scene in scenes:
-            tok = scene["first_sample_token"]
-            while tok:
-                sample = self.nusc.get("sample", tok)
-                samples.append((scene, sample))
-                tok = sample["next"]
+            samples += [(scene, s) for s in self._scene_samples(scene)]
         row_of = {s["token"]: i for i, (_, s) in enumerate(samples)}
         frames = []
         for scene, sample in samples:
@@ -154,6 +150,36 @@ class NuScenesReader:
                     f"bad calibration in frame {tok} ({scene['name']}): {exc}"
                 ) from None
         return frames
+
+    def _scene_samples(self, scene: dict) -> list[dict]:
+        """A scene's samples from its ``first_sample_token`` along ``next``, checked against
+        the scene's ``nbr_samples``: a link to a missing sample, a loop, or a chain that skips
+        samples is an error naming the tables and tokens, never a dropped frame."""
+        tables = os.path.join(self.source.root, self.source.version)
+        out, seen, tok = [], set(), scene["first_sample_token"]
+        while tok:
+            if tok in seen:
+                raise DatasetError(
+                    f"{tables}: the samples of scene {scene['name']} loop back to sample {tok} "
+                    "(sample.json 'next' links)"
+                )
+            seen.add(tok)
+            try:
+                sample = self.nusc.get("sample", tok)
+            except KeyError:
+                raise DatasetError(
+                    f"{tables}: scene {scene['name']} links to sample {tok}, which sample.json "
+                    "does not hold (scene.json first_sample_token or a sample's 'next')"
+                ) from None
+            out.append(sample)
+            tok = sample["next"]
+        if len(out) != scene["nbr_samples"]:
+            raise DatasetError(
+                f"{tables}: scene {scene['name']} ({scene['token']}) lists nbr_samples="
+                f"{scene['nbr_samples']} in scene.json, but {len(out)} samples are reachable "
+                "from its first_sample_token along 'next' in sample.json"
+            )
+        return out
 
     def _neighbour(self, sample: dict, side: str, row_of: dict[str, int]) -> int | None:
         other = sample[side]

@@ -8,7 +8,9 @@ tuples and dicts are stored, so nothing is unpickled beyond what ``weights_only`
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def previous_path(path: str | Path) -> Path:
+    """Where ``save_checkpoint`` keeps the checkpoint before the newest: ``last.pt`` ->
+    ``last.previous.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
 def save_checkpoint(path: str | Path, blob: dict[str, Any]) -> Path:
     """Write ``blob`` (+ format, version, RNG states) to ``path`` via a temporary file and an
-    atomic rename: a crash leaves the previous checkpoint intact."""
+    atomic rename, keeping the checkpoint it replaces as ``previous_path(path)``: a crash
+    leaves a complete checkpoint, and a newest one damaged later (a full disk, a torn copy)
+    still has one to fall back to (``load_latest_checkpoint``)."""
+    path = Path(path)
     full = {"format": FORMAT, "version": VERSION, "rng": rng_state(), **blob}
+    if path.exists():
+        os.replace(path, previous_path(path))
     return atomic_write(path, lambda tmp: torch.save(full, tmp))
+
+
+def load_latest_checkpoint(
+    path: str | Path, warn: Callable[[str], None] = print
+) -> tuple[dict[str, Any], Path]:
+    """(checkpoint, its path): ``path``, or the one before it when ``path`` is missing or
+    unreadable (with a warning that names both); an error when neither can be read."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path), path
+    except HildaError as exc:
+        previous = previous_path(path)
+        if not previous.is_file():
+            raise
+        warn(f"{exc}; resuming from the checkpoint before it, {previous}")
+        return load_checkpoint(previous), previous
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -318,8 +318,16 @@ def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
     elif source.endswith((".pth", ".pt")):
         if not os.path.isfile(source):
             raise ConfigError(f"teacher checkpoint {source} does not exist")
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, not a torch file, or refused by weights_only
+            raise ConfigError(
+                f"teacher checkpoint {source} cannot be read as an official DINOv2 "
+                f"state dict: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
         state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ConfigError(f"teacher checkpoint {source} holds no state dict")
         arch, registers = _arch_of(state, source)
         model = _model_from_config(_config(arch, registers))
         model.load_state_dict(official_to_hf(state, model), strict=True)

@@ -13,6 +13,7 @@ import zarr
 
 import hilda
 from hilda.data_schemas.store import (
+    BUILDING,
     SCHEMA,
     SCHEMA_VERSION,
     GroupSpec,
@@ -25,18 +26,17 @@ def init_store(
     url: str, *, dataset: str, version: str, split: str, overwrite: bool = False
 ) -> zarr.Group:
     """Create the root group with the schema attrs (``mode='w'`` only with ``overwrite``)."""
-    root = zarr.open_group(url, mode="w" if overwrite else "w-")
-    root.attrs.update(
-        {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "dataset": dataset,
-            "version": version,
-            "split": split,
-            "created_with": f"hilda {hilda.__version__}",
-        }
-    )
-    return root
+    attrs = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "dataset": dataset,
+        "version": version,
+        "split": split,
+        "created_with": f"hilda {hilda.__version__}",
+    }
+    # One write of zarr.json with every attribute: a kill cannot leave a root without its
+    # schema (attrs.update rewrites the file once per key).
+    return zarr.create_group(store=url, overwrite=overwrite, attributes=attrs)
 
 
 def create_group(
@@ -48,9 +48,14 @@ def create_group(
     compressors: Mapping[str, Any] | None = None,
 ) -> zarr.Group:
     """Create ``spec``'s group with every array laid out per the spec, plus its completion map.
-    ``compressors`` overrides zarr's default compressor for the named arrays."""
-    group = root.require_group(spec.name)
-    group.attrs.update(dict(attrs))
+    ``compressors`` overrides zarr's default compressor for the named arrays.
+
+    Atomic for readers: the group is created with its attributes and the ``BUILDING`` marker
+    in one write, and the marker goes (one more write) only once every array exists. A group
+    that still carries it was cut short while being created (``is_half_made``): the stage
+    that builds it removes and rebuilds it, every other command says which stage repairs it.
+    """
+    group = root.create_group(spec.name, attributes={**attrs, BUILDING: True}, overwrite=True)
     for aspec in spec.arrays:
         kwargs = array_layout(aspec, dims, frames_per_shard)
         fill = "" if aspec.dtype == "str" else 0
@@ -71,4 +76,5 @@ def create_group(
             overwrite=True,
         )
         done[:] = np.zeros(shards, dtype=bool)
+    group.attrs.put(dict(attrs))  # one write: the attributes without the marker
     return group

@@ -109,6 +109,21 @@ class OptimConfig:
     amp: bool = True  # CUDA only; ignored on CPU
     amp_dtype: Literal["float16", "bfloat16"] = "float16"
 
+    def __post_init__(self) -> None:
+        # Refused when the config is loaded, so `hilda-train check` refuses what `run` would.
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"optim.max_steps must be >= 1 (or null), got {self.max_steps}")
+        if self.lr <= 0 or not 0.0 < self.pct_start < 1.0:
+            raise ConfigError(
+                f"optim.lr must be > 0 and optim.pct_start in (0, 1), got {self.lr}, "
+                f"{self.pct_start}"
+            )
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip must be > 0 (or null), got {self.grad_clip}")
+
 
 @dataclass(frozen=True)
 class RunConfig:

@@ -23,7 +23,12 @@ from torch.utils.data import DataLoader
 
 from hilda.atomic import atomic_write, write_json
 from hilda.determinism import deterministic_mode
-from hilda.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from hilda.engine.checkpoint import (
+    load_latest_checkpoint,
+    previous_path,
+    save_checkpoint,
+    set_rng_state,
+)
 from hilda.engine.config_io import from_dict, save_config, to_dict
 from hilda.engine.distributed import (
     World,
@@ -38,6 +43,7 @@ from hilda.engine.metrics import MetricsLog
 from hilda.engine.optim import build_optimizer, build_scheduler, total_steps
 from hilda.engine.sampler import ResumableSampler
 from hilda.errors import ConfigError, HildaError
+from hilda.lock import writer_lock
 from hilda.models.convert import convert_state, save_backbone
 from hilda.models.sparse import load_ops
 from hilda.train.config import TrainConfig
@@ -112,8 +118,10 @@ def train(
     console = console or Console()
     world = init_distributed(device_type(cfg.run.device))
     load_ops(cfg.model.student.backend)  # before the thread settings (deterministic_mode)
+    # One writer per run folder (its main process; the other ranks write nothing there).
+    lock = writer_lock(out, "hilda-train run") if world.main else contextlib.nullcontext()
     try:
-        with deterministic_mode(cfg.run.deterministic):
+        with lock, deterministic_mode(cfg.run.deterministic):
             return _train(cfg, store, out, resume, console, world)
     finally:
         shutdown(world)
@@ -124,8 +132,8 @@ def _train(
 ) -> RunResult:
     device = pick_device(cfg.run.device, world)
     ckpt_path = out / "checkpoints" / "last.pt"
-    blob = _resume_point(cfg, out, ckpt_path) if resume else None
-    if blob is None and ckpt_path.exists():
+    blob = _resume_point(cfg, ckpt_path, console) if resume else None
+    if blob is None and (ckpt_path.exists() or previous_path(ckpt_path).exists()):
         raise ConfigError(
             f"{out} already holds a run ({ckpt_path}); pass --resume to continue it or choose "
             "another --out"
@@ -166,9 +174,14 @@ def _train(
     return RunResult(out, run.step, record, backbone)
 
 
-def _resume_point(cfg: TrainConfig, out: Path, ckpt_path: Path) -> dict:
-    """The checkpoint to resume from, refused if it was written with another config."""
-    blob = load_checkpoint(ckpt_path)
+def _resume_point(cfg: TrainConfig, ckpt_path: Path, console: Console) -> dict:
+    """The checkpoint to resume from (the one before the newest when that one is damaged),
+    refused if it was written with another config."""
+
+    def warn(text: str) -> None:
+        console.print(f"[yellow]warning[/]: {text}")
+
+    blob, ckpt_path = load_latest_checkpoint(ckpt_path, warn)
     saved = to_dict(from_dict(TrainConfig, blob["config"]))
     if saved != to_dict(cfg):
         differ = _differences(saved, to_dict(cfg))

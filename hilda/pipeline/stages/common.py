@@ -13,6 +13,7 @@ once every row shard is written. Reruns skip staged frame shards and finished ro
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,9 +23,10 @@ import numpy as np
 import zarr
 
 import hilda
-from hilda.data_schemas.store import RAGGED_ROWS_PER_SHARD, GroupSpec
+from hilda.data_schemas.store import RAGGED_ROWS_PER_SHARD, GroupSpec, is_half_made
 from hilda.data_schemas.validate import validate_store
 from hilda.errors import HildaError
+from hilda.lock import writer_lock
 from hilda.pipeline.runner import ClusterConfig, Task, dask_client, run_tasks
 from hilda.pipeline.store_io import create_group
 
@@ -46,6 +48,21 @@ def stage_client(store: str, cluster: ClusterConfig) -> contextlib.AbstractConte
     if store.startswith("memory://") and cluster.scheduler is None:
         cluster = replace(cluster, processes=False)
     return dask_client(cluster)
+
+
+def locked_stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run a stage function ``fn(cfg, options)`` holding the writer lock of ``cfg.store``
+    (``hilda.lock``): a second writer of the store fails at once, naming this one."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(cfg: Any, options: StageOptions) -> Any:
+            with writer_lock(cfg.store, f"hilda-prep {name}"):
+                return fn(cfg, options)
+
+        return run
+
+    return wrap
 
 
 def frame_shards(num_frames: int, frames_per_shard: int) -> list[tuple[int, int]]:
@@ -83,7 +100,10 @@ def prepare_group(
     overwrite: bool,
     compressors: dict[str, Any] | None = None,
 ) -> zarr.Group:
-    """Create the stage group, or reuse it to resume when its attrs match this run's."""
+    """Create the stage group, or reuse it to resume when its attrs match this run's. A
+    half-made group (its creation cut short) is rebuilt."""
+    if spec.name in root and is_half_made(root[spec.name]):
+        overwrite = True
     if spec.name in root and not overwrite:
         group = root[spec.name]
         old = {k: group.attrs.get(k) for k in attrs if k not in ("skipped",)}
@@ -394,7 +414,10 @@ class PointsBlock:
         return self.data[self.offsets[i] - self.offsets[0] : self.offsets[i + 1] - self.offsets[0]]
 
 
-def open_for_stage(store: str, require: tuple[str, ...], dataset: str | None = None) -> zarr.Group:
-    """Validate then open the store writable."""
-    validate_store(store, require=require, dataset=dataset)
+def open_for_stage(
+    store: str, require: tuple[str, ...], builds: str, dataset: str | None = None
+) -> zarr.Group:
+    """Validate then open the store writable, for a stage that builds group ``builds`` (not
+    validated: the stage resumes, rebuilds or replaces it, ``prepare_group``)."""
+    validate_store(store, require=require, dataset=dataset, rebuild=builds)
     return zarr.open_group(store, mode="r+")

@@ -15,6 +15,7 @@ from hilda.datasets.io import DatasetError, read_sweep
 from hilda.errors import HildaError
 from hilda.pipeline.stages.common import (
     StageOptions,
+    locked_stage,
     prepare_group,
     record_stage,
     stage_client,
@@ -104,6 +105,7 @@ def _open_or_init(cfg: IndexConfig, options: StageOptions) -> zarr.Group:
     return root
 
 
+@locked_stage("index")
 def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
     """The index stage: one row per keyframe (poses, calibration, neighbours, image paths)
     and the keyframes' sweeps."""

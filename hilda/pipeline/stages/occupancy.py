@@ -14,6 +14,7 @@ from hilda.pipeline.stages.common import (
     FrameError,
     PointsBlock,
     StageOptions,
+    locked_stage,
     open_for_stage,
     prepare_group,
     record_stage,
@@ -84,8 +85,9 @@ def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> 
     return {"skipped": bad}
 
 
+@locked_stage("build-occupancy")
 def run_occupancy(cfg: OccupancyStageConfig, options: StageOptions) -> dict[str, int]:
-    root = open_for_stage(cfg.store, require=("index", "points"))
+    root = open_for_stage(cfg.store, require=("index", "points"), builds="occupancy")
     index = root["index"]
     num_frames = int(index.attrs["num_frames"])
     fps = int(index.attrs["frames_per_shard"])

@@ -14,6 +14,7 @@ from hilda.pipeline.ops.projection import frame_pairs
 from hilda.pipeline.stages.common import (
     PointsBlock,
     StageOptions,
+    locked_stage,
     open_for_stage,
     prepare_group,
     record_stage,
@@ -80,8 +81,9 @@ def compute_pairs(cfg: PointmapConfig, f0: int, f1: int) -> list[tuple[np.ndarra
     return [src.pairs(f, cfg) for f in range(f0, f1)]
 
 
+@locked_stage("build-pointmaps")
 def run_pointmaps(cfg: PointmapConfig, options: StageOptions) -> dict[str, int]:
-    root = open_for_stage(cfg.store, require=("index", "points"))
+    root = open_for_stage(cfg.store, require=("index", "points"), builds="pointmaps")
     index = root["index"]
     num_frames = int(index.attrs["num_frames"])
     fps = int(index.attrs["frames_per_shard"])

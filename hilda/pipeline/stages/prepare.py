@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from hilda.lock import writer_lock
 from hilda.pipeline.runner import ClusterConfig
 from hilda.pipeline.stages.common import StageOptions
 from hilda.pipeline.stages.index import IndexConfig, run_index
@@ -58,7 +59,10 @@ def shared_cluster(cluster: ClusterConfig, store: str, gpu: bool) -> Iterator[Cl
 def run_all(cfg: PrepareConfig, options: StageOptions) -> dict[str, dict[str, Any]]:
     """Every stage in order; returns each stage's summary."""
     gpu = cfg.teacher.device == "cuda"
-    with shared_cluster(options.cluster, cfg.index.store, gpu) as cluster:
+    # The store's writer lock for the whole run, not only stage by stage: no other writer
+    # gets in between two stages.
+    lock = writer_lock(cfg.index.store, "hilda-prep all")
+    with lock, shared_cluster(options.cluster, cfg.index.store, gpu) as cluster:
         opts = replace(options, cluster=cluster)
         return {
             "index": run_index(cfg.index, opts),

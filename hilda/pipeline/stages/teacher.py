@@ -32,6 +32,7 @@ from hilda.pipeline.ops import codecs
 from hilda.pipeline.stages.common import (
     FrameError,
     StageOptions,
+    locked_stage,
     open_for_stage,
     prepare_group,
     record_stage,
@@ -294,10 +295,12 @@ def extract_shard(
     return {"skipped": decoded.skipped, "stats": stats}
 
 
+@locked_stage("extract-teacher")
 def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     """The extract-teacher stage: patch features and CLS tokens of every camera image."""
     _check_options(cfg)
-    root = open_for_stage(cfg.store, require=("index",))
+    builds = f"teacher/{cfg.group_name()}"
+    root = open_for_stage(cfg.store, require=("index",), builds=builds)
     info = teacher_info(cfg.teacher)
     if info.arch == ORACLE_ID:
         _require_class_maps(root)
