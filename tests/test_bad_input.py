@@ -190,3 +190,23 @@ def test_check_refuses_what_run_would(override: str) -> None:
 
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(TrainConfig, "tiny_cpu", [override])
+
+
+@pytest.mark.parametrize(
+    "channel, name", [("LIDAR_TOP", "../../../../tmp/outside.bin"), ("CAM_FRONT", "/etc/passwd")]
+)
+def test_table_file_names_outside_the_root_are_refused(
+    nusc_copy: Path, channel: str, name: str
+) -> None:
+    sensors = {s["token"]: s for s in _tables(nusc_copy, "sensor")}
+    calibrated = {
+        c["token"]: sensors[c["sensor_token"]] for c in _tables(nusc_copy, "calibrated_sensor")
+    }
+    rows = _tables(nusc_copy, "sample_data")
+    row = next(r for r in rows if calibrated[r["calibrated_sensor_token"]]["channel"] == channel)
+    row["filename"] = name
+    _write_tables(nusc_copy, "sample_data", rows)
+    with pytest.raises(
+        DatasetError, match=rf"sample_data record {row['token']}: file name .* outside the dataset"
+    ):
+        open_dataset("nuscenes", str(nusc_copy))

@@ -27,6 +27,21 @@ def _where(path: str | os.PathLike, frame: str | None) -> str:
     return f"{path}" + (f" (frame {frame})" if frame else "")
 
 
+def dataset_path(root: str | os.PathLike, relative: str, table: str, token: str) -> str:
+    """``root``/``relative`` for a file name read from a dataset's table, refused when the
+    name leads outside the root (an absolute path, ``..``): an error naming the table and the
+    record's token. The check is on the path as written, so sub-folders that are symlinks to
+    other disks (a common dataset set-up) stay usable."""
+    base = os.path.normpath(os.fspath(root))
+    path = os.path.normpath(os.path.join(base, relative))
+    if os.path.isabs(relative) or os.path.commonpath([base, path]) != base:
+        raise DatasetError(
+            f"{table} record {token}: file name {relative!r} leads outside the dataset root "
+            f"{os.fspath(root)}"
+        )
+    return path
+
+
 def require_file(path: str | os.PathLike, what: str, frame: str | None = None) -> None:
     if not os.path.isfile(path):
         raise DatasetError(f"missing {what}: {_where(path, frame)}")

@@ -11,7 +11,7 @@ import numpy as np
 
 from hilda.data_schemas.records import Camera, Frame, RecordError
 from hilda.datasets.classes import coarse_lut_from_mapper
-from hilda.datasets.io import DatasetError, require_file
+from hilda.datasets.io import DatasetError, dataset_path, require_file
 from hilda.geometry import pose_to_transform
 
 CAMERAS: tuple[str, ...] = (
@@ -91,7 +91,7 @@ class NuScenesReader:
         sd = self.nusc.get("sample_data", sd_token)
         cs = self.nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
         pose = self.nusc.get("ego_pose", sd["ego_pose_token"])
-        path = os.path.join(self.source.root, sd["filename"])
+        path = dataset_path(self.source.root, sd["filename"], "sample_data", sd["token"])
         require_file(path, f"{sd['channel']} image", frame)
         return Camera(
             name=sd["channel"],
@@ -115,7 +115,7 @@ class NuScenesReader:
             if LIDAR not in sample["data"]:
                 raise DatasetError(f"sample {tok} of {scene['name']} has no {LIDAR} sweep")
             sd = self.nusc.get("sample_data", sample["data"][LIDAR])
-            lidar_path = os.path.join(self.source.root, sd["filename"])
+            lidar_path = dataset_path(self.source.root, sd["filename"], "sample_data", sd["token"])
             require_file(lidar_path, "LiDAR sweep", tok)
             cs = self.nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
             pose = self.nusc.get("ego_pose", sd["ego_pose_token"])
@@ -123,7 +123,9 @@ class NuScenesReader:
             if self.has_labels:
                 try:
                     rec = self.nusc.get("lidarseg", sd["token"])
-                    labels = os.path.join(self.source.root, rec["filename"])
+                    labels = dataset_path(
+                        self.source.root, rec["filename"], "lidarseg", rec["token"]
+                    )
                 except KeyError:
                     labels = None
             try:
