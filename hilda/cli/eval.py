@@ -305,14 +305,14 @@ def gain_cmd(
 
     from hilda.eval.table import gain_verdict, gains
 
+    if (column is None) != (expect is None):
+        raise typer.BadParameter("--column and --expect go together")
     path = table / "table.json" if table.is_dir() else table
     if not path.is_file():
         raise typer.BadParameter(f"{path} does not exist (hilda-eval table writes it)")
     record = json.loads(path.read_text())
     for name, value in gains(record).items():
         typer.echo(f"{name}: {'-' if value is None else f'{100 * value:+.1f}'} points")
-    if (column is None) != (expect is None):
-        raise typer.BadParameter("--column and --expect go together")
     if column is not None and expect is not None:
         ok, text = gain_verdict(record, column, expect / 100)
         typer.echo(text)
