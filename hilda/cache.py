@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from hilda.data_schemas.store import SCHEMA, SCHEMA_VERSION, normalize_store
+from hilda.data_schemas.store import SCHEMA, SCHEMA_VERSION, dataset_file, normalize_store
 from hilda.data_schemas.validate import validate_store
 from hilda.errors import HildaError
 from hilda.models.teacher import SIZES
@@ -242,7 +242,12 @@ class CacheReader:
         return np.asarray(self._array("index/token")[:])
 
     def image_path(self, f: int, v: int) -> str:
-        return str(self._array("index/image_path")[f, v])
+        return dataset_file(self.dataset_root, str(self._array("index/image_path")[f, v]))
+
+    @property
+    def dataset_root(self) -> str:
+        """The dataset root the index's file paths are relative to."""
+        return str(self.root["index"].attrs["dataset_root"])
 
     def point_count(self, f: int) -> int:
         offsets = self.point_offsets()

@@ -107,10 +107,15 @@ def _run_seg(cfg, backbone: Path, init: str, out: Path | None) -> None:
 
     if init not in ("pretrained", "random"):
         raise typer.BadParameter(f"--init must be pretrained or random, got {init!r}")
-    console = Console()
-    result = run_segmentation(cfg, backbone, init, out=out, console=console)
-    console.print(result_table([result]))
-    console.print(f"mIoU {100 * result['miou']:.2f} -> {result['path']}")
+    from hilda.engine.distributed import close_process_group, main_process
+
+    try:
+        result = run_segmentation(cfg, backbone, init, out=out, console=Console())
+        console = Console(quiet=not main_process())  # torchrun: the first process reports
+        console.print(result_table([result]))
+        console.print(f"mIoU {100 * result['miou']:.2f} -> {result['path']}")
+    finally:
+        close_process_group()
 
 
 @app.command("linear-probe")
@@ -278,10 +283,15 @@ def table_cmd(
         random_init=init == "random",
     )
     folder = out or backbone.with_name(f"{backbone.stem}.table")
-    console = Console()
-    table = run_table(spec, folder, console)
-    console.print(rich_table(table))
-    console.print(f"table -> {folder / 'table.md'} and {table['path']}")
+    from hilda.engine.distributed import close_process_group, main_process
+
+    try:
+        table = run_table(spec, folder, Console())
+        console = Console(quiet=not main_process())  # torchrun: the first process reports
+        console.print(rich_table(table))
+        console.print(f"table -> {folder / 'table.md'} and {table['path']}")
+    finally:
+        close_process_group()
 
 
 @app.command("gain")

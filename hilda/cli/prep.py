@@ -181,13 +181,23 @@ def _report(stage: str, store: str, summary: dict) -> None:
 
 
 def _stage_options(
-    workers: int, scheduler: str | None, overwrite: bool, skip_bad: bool, gpu: bool = False
+    workers: int,
+    scheduler: str | None,
+    overwrite: bool,
+    skip_bad: bool,
+    gpu: bool = False,
+    no_worker_timeout: float = 300.0,
 ):
     from hilda.pipeline.runner import ClusterConfig
     from hilda.pipeline.stages.common import StageOptions
 
     return StageOptions(
-        cluster=ClusterConfig(workers=workers, scheduler=scheduler, gpu_workers=gpu),
+        cluster=ClusterConfig(
+            workers=workers,
+            scheduler=scheduler,
+            gpu_workers=gpu,
+            no_worker_timeout=no_worker_timeout,
+        ),
         overwrite=overwrite,
         skip_bad=skip_bad,
     )
@@ -195,6 +205,10 @@ def _stage_options(
 
 Workers = Annotated[int, typer.Option(min=1, help="local Dask workers (processes)")]
 Scheduler = Annotated[str | None, typer.Option(help="address of an existing Dask scheduler")]
+NoWorkerTimeout = Annotated[
+    float,
+    typer.Option(min=0.0, help="fail when the cluster has had no worker this many seconds"),
+]
 Overwrite = Annotated[bool, typer.Option(help="redo the stage from scratch")]
 SkipBad = Annotated[bool, typer.Option(help="record bad frames as skipped and go on")]
 Teacher = Annotated[
@@ -232,6 +246,7 @@ def index_cmd(
     frames_per_shard: FramesPerShard = 32,
     workers: Workers = 1,
     scheduler: Scheduler = None,
+    no_worker_timeout: NoWorkerTimeout = 300.0,
     overwrite: Overwrite = False,
     skip_bad: SkipBad = False,
 ) -> None:
@@ -247,7 +262,12 @@ def index_cmd(
         keyframe_every=keyframe_every,
         frames_per_shard=frames_per_shard,
     )
-    summary = run_index(cfg, _stage_options(workers, scheduler, overwrite, skip_bad))
+    summary = run_index(
+        cfg,
+        _stage_options(
+            workers, scheduler, overwrite, skip_bad, no_worker_timeout=no_worker_timeout
+        ),
+    )
     _report("index", out, summary)
 
 
@@ -263,7 +283,9 @@ def build_pointmaps_cmd(
     rel_tol: Annotated[float, typer.Option(help="occlusion depth tolerance, fraction")] = 0.05,
     workers: Workers = 1,
     scheduler: Scheduler = None,
+    no_worker_timeout: NoWorkerTimeout = 300.0,
     overwrite: Overwrite = False,
+    skip_bad: SkipBad = False,
 ) -> None:
     """Stage 2: point-pixel pairs per camera (the devkit's projection and mask, + occlusion)."""
     from hilda.pipeline.ops.occlusion import OcclusionRule
@@ -272,7 +294,12 @@ def build_pointmaps_cmd(
     cfg = PointmapConfig(
         store=store, occlusion=occlusion, rule=OcclusionRule(cell_px, abs_tol, rel_tol)
     )
-    summary = run_pointmaps(cfg, _stage_options(workers, scheduler, overwrite, False))
+    summary = run_pointmaps(
+        cfg,
+        _stage_options(
+            workers, scheduler, overwrite, skip_bad, no_worker_timeout=no_worker_timeout
+        ),
+    )
     _report("pointmaps", store, summary)
 
 
@@ -289,6 +316,7 @@ def build_occupancy_cmd(
     horizon: Annotated[int, typer.Option(min=1, help="keyframes ahead")] = 1,
     workers: Workers = 1,
     scheduler: Scheduler = None,
+    no_worker_timeout: NoWorkerTimeout = 300.0,
     overwrite: Overwrite = False,
     skip_bad: SkipBad = False,
 ) -> None:
@@ -300,7 +328,10 @@ def build_occupancy_cmd(
         grid=grid, cell=cell, min_height=min_height, max_height=max_height, horizon=horizon
     )
     summary = run_occupancy(
-        OccupancyStageConfig(store, occ), _stage_options(workers, scheduler, overwrite, skip_bad)
+        OccupancyStageConfig(store, occ),
+        _stage_options(
+            workers, scheduler, overwrite, skip_bad, no_worker_timeout=no_worker_timeout
+        ),
     )
     _report("occupancy", store, summary)
 
@@ -321,6 +352,7 @@ def extract_teacher_cmd(
     name: Annotated[str | None, typer.Option(help="group name under teacher/")] = None,
     workers: Workers = 1,
     scheduler: Scheduler = None,
+    no_worker_timeout: NoWorkerTimeout = 300.0,
     overwrite: Overwrite = False,
     skip_bad: SkipBad = False,
 ) -> None:
@@ -339,7 +371,15 @@ def extract_teacher_cmd(
         name=name,
     )
     summary = run_teacher(
-        cfg, _stage_options(workers, scheduler, overwrite, skip_bad, gpu=device == "cuda")
+        cfg,
+        _stage_options(
+            workers,
+            scheduler,
+            overwrite,
+            skip_bad,
+            gpu=device == "cuda",
+            no_worker_timeout=no_worker_timeout,
+        ),
     )
     _report(f"teacher/{cfg.group_name()}", store, summary)
 
@@ -363,6 +403,7 @@ def all_cmd(
     cell: Cell = 0.4,
     workers: Workers = 1,
     scheduler: Scheduler = None,
+    no_worker_timeout: NoWorkerTimeout = 300.0,
     overwrite: Overwrite = False,
     skip_bad: SkipBad = False,
 ) -> None:
@@ -385,7 +426,14 @@ def all_cmd(
         ),
         occupancy=OccupancyStageConfig(out, OccupancyConfig(grid=grid, cell=cell)),
     )
-    options = _stage_options(workers, scheduler, overwrite, skip_bad, gpu=device == "cuda")
+    options = _stage_options(
+        workers,
+        scheduler,
+        overwrite,
+        skip_bad,
+        gpu=device == "cuda",
+        no_worker_timeout=no_worker_timeout,
+    )
     for stage, summary in run_all(cfg, options).items():
         _report(stage, out, summary)
 

@@ -9,7 +9,8 @@ K stored teacher blocks, (h, w) patch grid, D teacher dim, (H, W) BEV grid):
                 lidar_path (F) str, labels_path (F) str ("" = none), lidar_to_ego (F,4,4) f64,
                 ego_to_global (F,4,4) f64, cam_intrinsics (F,V,3,3) f64, cam_to_ego (F,V,4,4) f64,
                 cam_ego_to_global (F,V,4,4) f64, cam_timestamp (F,V) i64, image_size (F,V,2) i32
-                (width, height), image_path (F,V) str
+                (width, height), image_path (F,V) str; the file paths are relative to the
+                index's ``dataset_root`` attribute (``dataset_file``)
     points/     data (P,4) f32 (x, y, z, intensity in the LiDAR frame), offsets (F+1) i64
     pointmaps/  point (Q) i32, cam (Q) u8, uv (Q,2) f32, depth (Q) f16, offsets (F+1) i64
     teacher/<name>/  layer_<k> (F,V,h,w,D), cls (F,V,K,D)
@@ -24,6 +25,7 @@ that finish different shards never write the same file.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +179,18 @@ OCCUPANCY = GroupSpec(
 )
 
 STAGE_GROUPS: tuple[GroupSpec, ...] = (INDEX, POINTS, POINTMAPS, OCCUPANCY)
+
+
+def relative_to_root(dataset_root: str, path: str) -> str:
+    """A dataset file's path as the index stores it: relative to the dataset root it records,
+    so a store stays readable when the dataset moves with its root ("" stays "")."""
+    return os.path.relpath(path, dataset_root) if path else ""
+
+
+def dataset_file(dataset_root: str, stored: str) -> str:
+    """The path of a file named in the index (``stored``: relative to ``dataset_root``; an
+    absolute path, as early stores wrote, is kept as it is). "" stays "" (no such file)."""
+    return os.path.join(dataset_root, stored) if stored else ""
 
 
 def normalize_store(url: str) -> str:

@@ -16,6 +16,7 @@ DatasetName = Literal["nuscenes", "av2"]
 class FrameReader(Protocol):
     frames: list[Frame]
     has_labels: bool
+    skipped: dict[str, str]  # scene (or log) -> why part of it was left out (skip_bad)
 
 
 def open_dataset(
@@ -25,14 +26,19 @@ def open_dataset(
     version: str = "v1.0-mini",
     split: str = "all",
     keyframe_every: int = 5,
+    skip_bad: bool = False,
 ) -> FrameReader:
     """Reader of one split: nuScenes (``version``, ``split`` in all/devkit splits) or AV2
     (``split`` folder under ``root``, a keyframe every ``keyframe_every`` sweeps; AV2 has no
-    "all" folder, so the CLIs' default ``all`` reads ``train``)."""
+    "all" folder, so the CLIs' default ``all`` reads ``train``). ``skip_bad``: a nuScenes scene
+    whose sample links are broken keeps its reachable samples and is recorded in
+    ``skipped`` instead of failing."""
     if dataset == "nuscenes":
         from hilda.datasets.nuscenes_reader import NuScenesReader, NuScenesSource
 
-        return NuScenesReader(NuScenesSource(root=root, version=version, split=split))
+        return NuScenesReader(
+            NuScenesSource(root=root, version=version, split=split, skip_bad=skip_bad)
+        )
     if dataset == "av2":
         from hilda.datasets.av2_reader import AV2Reader, AV2Source
 

@@ -49,6 +49,7 @@ class AV2Reader:
         self.loader = AV2SensorDataLoader(data_dir=data_dir, labels_dir=data_dir)
         self.data_dir = data_dir
         self.has_labels = False
+        self.skipped: dict[str, str] = {}  # AV2 logs have no links to break
         self.frames: list[Frame] = []
         for log_id in self.loader.get_log_ids():
             self.frames.extend(self._log_frames(log_id, start=len(self.frames)))

@@ -113,15 +113,35 @@ def read_lidarseg_labels(
     return labels
 
 
+def check_image_size(
+    size: tuple[int, int],
+    expected: tuple[int, int] | None,
+    path: str | os.PathLike,
+    frame: str | None,
+) -> None:
+    """An image's (width, height) against its dataset table's: the point-pixel pairs are
+    projected with the table's size, so a mismatch would pair points with the wrong pixels."""
+    if expected is not None and tuple(int(x) for x in size) != tuple(int(x) for x in expected):
+        raise DatasetError(
+            f"camera image is {size[0]}x{size[1]} pixels but its dataset table says "
+            f"{expected[0]}x{expected[1]}: {_where(path, frame)}"
+        )
+
+
 def read_image(
-    path: str | os.PathLike, frame: str | None = None, draft: tuple[int, int] | None = None
+    path: str | os.PathLike,
+    frame: str | None = None,
+    draft: tuple[int, int] | None = None,
+    expect_size: tuple[int, int] | None = None,
 ):
-    """Decode a JPEG to an RGB ``PIL.Image``; ``draft`` lets libjpeg decode at reduced size."""
+    """Decode a JPEG to an RGB ``PIL.Image``; ``draft`` lets libjpeg decode at reduced size;
+    ``expect_size`` (width, height), when given, must be the file's size."""
     from PIL import Image, UnidentifiedImageError
 
     require_file(path, "camera image", frame)
     try:
         with Image.open(path) as img:
+            check_image_size(img.size, expect_size, path, frame)
             if draft is not None:
                 img.draft("RGB", draft)
             return img.convert("RGB")

@@ -31,6 +31,7 @@ class NuScenesSource:
     root: str
     version: str = "v1.0-mini"
     split: str = "all"  # "all", or a devkit split: train, val, test, mini_train, mini_val, ...
+    skip_bad: bool = False  # a scene with broken sample links: keep what is reachable, record it
 
 
 def _transform(record: dict) -> np.ndarray:
@@ -75,6 +76,7 @@ class NuScenesReader:
                     f"(a mini or test version needs --split all or mini_train/mini_val)"
                 )
         self.has_labels = hasattr(self.nusc, "lidarseg")
+        self.skipped: dict[str, str] = {}  # scene name -> what is wrong with its sample links
         self.frames: list[Frame] = self._build(scenes)
 
     @property
@@ -87,10 +89,24 @@ class NuScenesReader:
             mapper = LidarsegClassMapper(self.nusc)
         return coarse_lut_from_mapper(mapper.get_fine_idx_2_coarse_idx())
 
+    def _record(self, table: str, token: str, sd: dict, frame: str) -> dict:
+        """A pose record (``ego_pose`` or ``calibrated_sensor``) of sample_data ``sd``, its
+        rotation and translation checked: a NaN or inf names the table, the record and the
+        sensor it belongs to, not the camera calibration the pose is later combined with."""
+        rec = self.nusc.get(table, token)
+        values = np.asarray([*rec["rotation"], *rec["translation"]], dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise DatasetError(
+                f"{os.path.join(self.source.root, self.source.version, table)}.json record "
+                f"{token} (of {sd['channel']} sample_data {sd['token']}, frame {frame}) has NaN "
+                f"or inf in its rotation or translation: {rec['rotation']}, {rec['translation']}"
+            )
+        return rec
+
     def _camera(self, sd_token: str, frame: str) -> Camera:
         sd = self.nusc.get("sample_data", sd_token)
-        cs = self.nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
-        pose = self.nusc.get("ego_pose", sd["ego_pose_token"])
+        cs = self._record("calibrated_sensor", sd["calibrated_sensor_token"], sd, frame)
+        pose = self._record("ego_pose", sd["ego_pose_token"], sd, frame)
         path = dataset_path(self.source.root, sd["filename"], "sample_data", sd["token"])
         require_file(path, f"{sd['channel']} image", frame)
         return Camera(
@@ -117,8 +133,8 @@ class NuScenesReader:
             sd = self.nusc.get("sample_data", sample["data"][LIDAR])
             lidar_path = dataset_path(self.source.root, sd["filename"], "sample_data", sd["token"])
             require_file(lidar_path, "LiDAR sweep", tok)
-            cs = self.nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
-            pose = self.nusc.get("ego_pose", sd["ego_pose_token"])
+            cs = self._record("calibrated_sensor", sd["calibrated_sensor_token"], sd, tok)
+            pose = self._record("ego_pose", sd["ego_pose_token"], sd, tok)
             labels = None
             if self.has_labels:
                 try:
@@ -156,31 +172,43 @@ class NuScenesReader:
     def _scene_samples(self, scene: dict) -> list[dict]:
         """A scene's samples from its ``first_sample_token`` along ``next``, checked against
         the scene's ``nbr_samples``: a link to a missing sample, a loop, or a chain that skips
-        samples is an error naming the tables and tokens, never a dropped frame."""
+        samples is an error naming the tables and tokens, never a silently dropped frame. With
+        ``skip_bad`` the samples reachable before the break are kept and the scene's problem
+        is recorded in ``skipped`` (the index keeps it)."""
         tables = os.path.join(self.source.root, self.source.version)
         out, seen, tok = [], set(), scene["first_sample_token"]
+        problem = None
         while tok:
             if tok in seen:
-                raise DatasetError(
+                problem = (
                     f"{tables}: the samples of scene {scene['name']} loop back to sample {tok} "
                     "(sample.json 'next' links)"
                 )
+                break
             seen.add(tok)
             try:
                 sample = self.nusc.get("sample", tok)
             except KeyError:
-                raise DatasetError(
+                problem = (
                     f"{tables}: scene {scene['name']} links to sample {tok}, which sample.json "
                     "does not hold (scene.json first_sample_token or a sample's 'next')"
-                ) from None
+                )
+                break
             out.append(sample)
             tok = sample["next"]
-        if len(out) != scene["nbr_samples"]:
-            raise DatasetError(
+        if problem is None and len(out) != scene["nbr_samples"]:
+            problem = (
                 f"{tables}: scene {scene['name']} ({scene['token']}) lists nbr_samples="
                 f"{scene['nbr_samples']} in scene.json, but {len(out)} samples are reachable "
                 "from its first_sample_token along 'next' in sample.json"
             )
+        if problem is not None:
+            if not self.source.skip_bad:
+                raise DatasetError(
+                    f"{problem}; rerun with --skip-bad to index the {len(out)} reachable "
+                    "samples and record the scene as damaged"
+                )
+            self.skipped[scene["name"]] = f"{problem} ({len(out)} reachable samples kept)"
         return out
 
     def _neighbour(self, sample: dict, side: str, row_of: dict[str, int]) -> int | None:

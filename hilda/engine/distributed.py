@@ -72,6 +72,23 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
+def main_process() -> bool:
+    """Whether this process writes shared outputs: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process (what the main one wrote is then visible to all)."""
+    if _active():
+        dist.barrier()
+
+
+def close_process_group() -> None:
+    """Leave the process group a command joined (its end under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

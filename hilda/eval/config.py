@@ -103,6 +103,16 @@ class SegOptimConfig:
     pct_start: float = 0.2
     div_factor: float = 25.0
     final_div_factor: float = 100.0
+    grad_clip: float | None = None  # max global gradient norm
+    # Mixed precision on CUDA (ignored on CPU): float16 with a grad scaler, or bfloat16.
+    amp: bool = True
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+
+    def __post_init__(self) -> None:
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise ConfigError(f"optim.amp_dtype must be float16 or bfloat16, got {self.amp_dtype}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip must be > 0 (or null), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)

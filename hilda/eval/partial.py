@@ -1,33 +1,28 @@
 """Checkpoints of a segmentation run in progress, so an interrupted fine-tune (a 100% nuScenes
 fine-tune runs for hours) resumes where it stopped instead of from its first step.
 
-``<result>.partial.pt`` beside the result JSON holds the steps done, the loss curve, the
-trained weights (the head alone when the backbone is frozen), the optimiser and the schedule,
-and what the run measures (its protocol config, the checkpoint's SHA-256, the init). Batches
-and augmentations are seeded by (seed, epoch, index), so a resumed run takes the same steps
-as an uninterrupted one. A partial run of another protocol or checkpoint is an error naming
-the file; the finished result removes it.
+``<result>.partial.pt`` beside the result JSON is a checkpoint of the fitting engine
+(``hilda.engine.checkpoint``, the format pre-training writes): the trained module's weights
+(the head alone when the backbone is frozen), optimiser, schedule, grad scaler, RNG states and
+position, plus the loss curve so far and what the run measures (its protocol config, the
+checkpoint's SHA-256, the init). The one before the newest is kept as
+``<result>.partial.previous.pt`` and used when the newest is damaged. Batches and
+augmentations are seeded by (seed, epoch, index), so a resumed run takes the same steps as an
+uninterrupted one. A partial run of another protocol or checkpoint is an error naming the
+file; the finished result removes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from rich.console import Console
 
-from hilda.atomic import atomic_write
+from hilda.engine.checkpoint import load_latest_checkpoint, previous_path, save_checkpoint
+from hilda.engine.fit import Fit
 from hilda.errors import HildaError
 from hilda.eval.config import protocol
-from hilda.eval.segment import Segmenter
-
-
-@dataclass
-class FitState:
-    """Where a run stands: optimiser steps done and the loss curve so far."""
-
-    step: int = 0
-    curve: list[tuple[int, float]] = field(default_factory=list)
 
 
 def partial_path(result: str | Path) -> Path:
@@ -50,51 +45,35 @@ class PartialRun:
             "init": self.init,
         }
 
-    def load(
-        self,
-        model: Segmenter,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-    ) -> FitState:
-        """Restore the run's last checkpoint into ``model``, ``optimizer`` and ``scheduler``;
-        a fresh FitState when there is none."""
-        if not self.path.exists():
-            return FitState()
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a torn or foreign file: say which, keep it for inspection
-            raise HildaError(
-                f"{self.path} is not a readable partial run ({exc}): remove it to start afresh"
-            ) from None
-        if state.get("identity") != self._identity():
-            raise HildaError(
-                f"{self.path} is a partial run of another config, checkpoint or init: remove "
-                "it to start this run afresh, or rerun the command that started it"
-            )
-        target = model.head if model.frozen else model
-        target.load_state_dict(state["weights"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        return FitState(state["step"], [tuple(p) for p in state["curve"]])
+    def exists(self) -> bool:
+        return self.path.exists() or previous_path(self.path).exists()
 
-    def save(
-        self,
-        fit: FitState,
-        model: Segmenter,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-    ) -> None:
+    def load(self, fit: Fit, console: Console) -> list[tuple[int, float]]:
+        """Restore the run's last checkpoint into ``fit`` and return the loss curve so far
+        (empty, and ``fit`` untouched, when there is none)."""
+        if not self.exists():
+            return []
+
+        def warn(text: str) -> None:
+            console.print(f"[yellow]warning[/]: {text}")
+
+        try:
+            blob, path = load_latest_checkpoint(self.path, warn)
+        except HildaError as exc:  # a torn or foreign file: say which, keep it for inspection
+            raise HildaError(f"{exc}: remove {self.path} to start this run afresh") from None
+        if blob.get("identity") != self._identity():
+            raise HildaError(
+                f"{path} is a partial run of another config, checkpoint or init: remove it to "
+                "start this run afresh, or rerun the command that started it"
+            )
+        fit.load(blob)
+        return [(int(s), float(v)) for s, v in blob["curve"]]
+
+    def save(self, fit: Fit, curve: list[tuple[int, float]]) -> None:
         """Write the checkpoint atomically (a kill mid-write leaves the previous one)."""
-        weights = (model.head if model.frozen else model).state_dict()
-        state = {
-            "identity": self._identity(),
-            "step": fit.step,
-            "curve": [list(p) for p in fit.curve],
-            "weights": weights,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
-        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        extra = {"identity": self._identity(), "curve": [list(p) for p in curve]}
+        save_checkpoint(self.path, {**fit.state(), **extra})
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        previous_path(self.path).unlink(missing_ok=True)

@@ -10,24 +10,35 @@ checkpoint's SHA-256 and the resolved config.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from hilda.atomic import write_json
 from hilda.determinism import deterministic_mode
 from hilda.engine.config_io import to_dict
-from hilda.engine.distributed import World, pick_device
-from hilda.engine.optim import build_optimizer, build_scheduler, steps_per_epoch, total_steps
+from hilda.engine.distributed import (
+    World,
+    barrier,
+    device_type,
+    global_mean,
+    init_distributed,
+    pick_device,
+    reduce_mean,
+)
+from hilda.engine.fit import Fit, check_finite
+from hilda.engine.optim import steps_per_epoch, total_steps
 from hilda.engine.sampler import ResumableSampler
+from hilda.errors import ConfigError
 from hilda.eval.config import SegConfig
 from hilda.eval.data import (
     IGNORE,
@@ -40,7 +51,7 @@ from hilda.eval.data import (
     open_split,
 )
 from hilda.eval.metrics import confusion, iou_per_class, mean_iou
-from hilda.eval.partial import FitState, PartialRun, partial_path
+from hilda.eval.partial import PartialRun, partial_path
 from hilda.eval.segment import Init, Segmenter, build_backbone
 
 # hilda pre-trains on nuScenes and AV2 sweeps, whose intensities are both 0-255: the scale a
@@ -84,37 +95,46 @@ def _loader(dataset: SegDataset, batch: int, workers: int, sampler=None) -> Data
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the points not ignored. Under DDP it is this process's share of
+    the mean over every process's points (``global_mean``), so N processes train like one."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        keep = labels != IGNORE
+        per_point = F.cross_entropy(logits[keep], labels[keep], reduction="none")  # (n,)
+        return global_mean(per_point.float())
     if not bool((labels != IGNORE).any()):  # every point ignored: nothing to learn here
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=IGNORE)
 
 
-def _optimizer(model: Segmenter, cfg: SegConfig, total: int):
+def head_groups(model: Segmenter, cfg: SegConfig) -> list[dict]:
+    """The parameter groups a run trains: the head at ``lr x head_lr_mult``, and the backbone
+    at ``lr`` when fine-tuning."""
     groups = [
         {"params": list(model.head.parameters()), "lr": cfg.optim.lr * cfg.optim.head_lr_mult}
     ]
     if not model.frozen:
         groups.append({"params": list(model.backbone.parameters()), "lr": cfg.optim.lr})
-    return optimizer_for(groups, cfg, total)
+    return groups
 
 
-def optimizer_for(groups: list[dict], cfg: SegConfig, total: int):
-    """AdamW over parameter ``groups`` (each with its peak ``lr``) and a OneCycle schedule of
-    ``total`` steps."""
-    optimizer = build_optimizer(groups, cfg.optim.weight_decay)
-    return optimizer, build_scheduler(optimizer, total, cfg.optim)
+def local_batch(cfg: SegConfig, world: World, samples: int) -> int:
+    """Frames a process takes a step: the global ``optim.batch_size`` (at most the split's
+    frames) split evenly over the processes."""
+    size = min(cfg.optim.batch_size, samples)
+    if size % world.size:
+        raise ConfigError(
+            f"optim.batch_size={size} frames a step cannot be split over {world.size} "
+            "processes: use a multiple of the process count"
+        )
+    return size // world.size
 
 
-def _cached_batches(
-    model: Segmenter,
-    split: Split,
-    cfg: SegConfig,
-    device: torch.device,
-    console: Console,
-    start: int = 0,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(epoch, features (N, C), labels (N,)) batches over the frozen backbone's features of
-    every training frame, computed once; from step ``start`` on."""
+def frozen_features(
+    model: Segmenter, split: Split, cfg: SegConfig, device: torch.device, console: Console
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The frozen backbone's (N, C) float16 features and (N,) labels of every training frame,
+    computed once (each process computes all of them: a frozen forward costs less than the
+    communication of the features)."""
     feats, labels = [], []
     model.eval()
     dataset = SegDataset(split, None, intensity_factor=intensity_factor(split))
@@ -124,114 +144,125 @@ def _cached_batches(
             feats.append(model.features(b.points, b.batch).to("cpu", torch.float16))
             labels.append(b.labels.cpu())
     console.print(f"cached frozen features of {len(feats)} training frames")
-    return feature_batches(feats, labels, cfg, device, start)
+    return feats, labels
 
 
-def _start(samples: int, size: int, start: int) -> tuple[int, int]:
-    """(epoch, sample offset in it) of optimiser step ``start`` (0-based) of ``size``-frame
-    batches over ``samples`` frames an epoch."""
-    epoch, batch = divmod(start, steps_per_epoch(samples, size))
-    return epoch, batch * size
-
-
-def feature_batches(
+def feature_epoch(
     feats: list[torch.Tensor],
     labels: list[torch.Tensor],
     cfg: SegConfig,
+    world: World,
     device: torch.device,
-    start: int = 0,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(epoch, features (N, C), labels (N,)) batches of ``optim.batch_size`` frames, in an
-    order seeded by (seed, epoch), over per-frame features computed once; from step
-    ``start`` on."""
-    n, size = len(feats), min(cfg.optim.batch_size, len(feats))
-    epoch, offset = _start(n, size, start)
-    while True:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        for i in range(offset, n, size):
-            rows = order[i : i + size].tolist()
-            x = torch.cat([feats[r] for r in rows]).to(device, torch.float32)
-            y = torch.cat([labels[r] for r in rows]).to(device)
-            yield epoch, x, y
-        epoch, offset = epoch + 1, 0
+    epoch: int,
+    start: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features (N, C), labels (N,)) of this process's share of each ``optim.batch_size``-
+    frame batch of ``epoch``, in an order seeded by (seed, epoch), from batch ``start`` on."""
+    n = len(feats)
+    size = local_batch(cfg, world, n) * world.size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    for i in range(start * size, n, size):
+        rows = order[i : i + size][world.rank :: world.size].tolist()
+        x = torch.cat([feats[r] for r in rows]).to(device, torch.float32)
+        y = torch.cat([labels[r] for r in rows]).to(device)
+        yield x, y
 
 
-def _online_batches(
-    split: Split, cfg: SegConfig, device: torch.device, start: int = 0
-) -> Iterator[tuple[int, SegBatch]]:
-    """(epoch, batch) of augmented frames in the sampler's (seed, epoch) order, from step
-    ``start`` on."""
+def online_epochs(
+    split: Split, cfg: SegConfig, world: World, device: torch.device
+) -> Callable[[int, int], Iterator[SegBatch]]:
+    """Per (epoch, batches done): this process's augmented batches of the epoch, in the
+    sampler's (seed, epoch) order; the processes' batches together are the global batch."""
     dataset = SegDataset(split, cfg.augment, cfg.seed, intensity_factor(split))
-    sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=cfg.seed)
-    size = min(cfg.optim.batch_size, len(dataset))
-    epoch, sampler.start = _start(len(dataset), size, start)
-    while True:
+    sampler = ResumableSampler(dataset, num_replicas=world.size, rank=world.rank, seed=cfg.seed)
+    size = local_batch(cfg, world, len(dataset))
+
+    def epoch_batches(epoch: int, start: int) -> Iterator[SegBatch]:
         sampler.set_epoch(epoch)
+        sampler.start = start * size
         for b in _loader(dataset, size, cfg.data.num_workers, sampler):
-            yield epoch, b.to(device)
-        epoch, sampler.start = epoch + 1, 0
+            yield b.to(device)
+
+    return epoch_batches
 
 
-def fit(
-    loss_of: Callable[[tuple], torch.Tensor],
-    batches: Iterator[tuple],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    total: int,
+def run_fit(
+    fit: Fit,
+    epoch_batches: Callable[[int, int], Iterable[Any]],
+    loss_of: Callable[[Any], torch.Tensor],
     cfg: SegConfig,
     console: Console,
-    state: FitState | None = None,
-    save: Callable[[FitState], None] | None = None,
+    curve: list[tuple[int, float]] | None = None,
+    save: Callable[[list[tuple[int, float]]], None] | None = None,
 ) -> list[tuple[int, float]]:
-    """Optimiser steps up to ``total`` over ``batches`` of (epoch, *batch), continuing
-    ``state`` (steps done, curve so far; ``batches`` must start after them); returns the loss
-    curve (every ``log_every`` steps), shows progress, and hands the state to ``save`` every
-    ``checkpoint_every`` steps and after the last."""
-    state = state or FitState()
-    curve = state.curve
+    """The engine's steps from ``fit``'s position to its last over ``epoch_batches(epoch,
+    batches done)``; returns the loss curve (every ``log_every`` steps, continuing
+    ``curve``), shows progress, and hands the curve to ``save`` every ``checkpoint_every``
+    steps and after the last."""
+    curve = list(curve or [])
     progress = Progress(
         TextColumn(f"[bold]{cfg.mode}[/]"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
         TimeRemainingColumn(),
         console=console,
-        disable=not console.is_terminal,
+        disable=not (console.is_terminal and fit.world.main),
     )
     with progress:
-        task = progress.add_task(cfg.mode, total=total, completed=state.step, status="")
-        for step, (epoch, *batch) in zip(range(state.step + 1, total + 1), batches, strict=False):
-            loss = loss_of(tuple(batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step} (epoch {epoch})")
-            if step % cfg.log_every == 0 or step == total:
-                curve.append((step, value))
-                if not console.is_terminal:
-                    console.print(f"{cfg.mode} step {step}/{total} epoch {epoch} loss {value:.4f}")
-            progress.update(task, completed=step, status=f"loss {value:.4f}")
-            state.step = step
-            # The last step is saved too: a failure while scoring keeps the trained weights.
-            every = cfg.checkpoint_every
-            if save is not None and every and (step % every == 0 or step == total):
-                save(state)
+        task = progress.add_task(cfg.mode, total=fit.total, completed=fit.step, status="")
+        for epoch, done in fit.epochs():
+            batches = epoch_batches(epoch, done)
+            for batch in batches:
+                with fit.autocast():
+                    loss = loss_of(batch)
+                value = float(reduce_mean(loss))
+                if not fit.amp:  # fp16 overflow steps are skipped by the scaler instead
+                    check_finite(value, f"step {fit.step + 1} (epoch {epoch})")
+                fit.update(loss)
+                step = fit.step
+                if step % cfg.log_every == 0 or fit.done:
+                    curve.append((step, value))
+                    if not console.is_terminal and fit.world.main:
+                        console.print(
+                            f"{cfg.mode} step {step}/{fit.total} epoch {epoch} loss {value:.4f}"
+                        )
+                progress.update(task, completed=step, status=f"loss {value:.4f}")
+                # The last step is saved too: a failure while scoring keeps the trained weights.
+                every = cfg.checkpoint_every
+                if save is not None and every and (step % every == 0 or fit.done):
+                    save(curve)
+                if fit.done:
+                    break
+            if hasattr(batches, "close"):
+                batches.close()  # stops a DataLoader mid-epoch (its workers) now
     return curve
 
 
-def evaluate(model: Segmenter, split: Split, cfg: SegConfig, device: torch.device) -> np.ndarray:
-    """(K, K) confusion matrix over every point of the split's frames."""
+def evaluate(
+    model: Segmenter,
+    split: Split,
+    cfg: SegConfig,
+    device: torch.device,
+    world: World | None = None,
+) -> np.ndarray:
+    """(K, K) confusion matrix over every point of the split's frames; under DDP each
+    process scores every world.size-th frame and the matrices are summed."""
+    world = world or World()
     model.eval()
     k = len(split.classes)
     conf = np.zeros((k, k), dtype=np.int64)
     dataset = SegDataset(split, None, intensity_factor=intensity_factor(split))
+    if world.distributed:
+        dataset = Subset(dataset, range(world.rank, len(dataset), world.size))
     with torch.no_grad():
         for b in _loader(dataset, 1, cfg.data.num_workers):
             b = b.to(device)
             pred = model(b.points, b.batch).argmax(dim=1)  # (N,)
             conf += confusion(pred.cpu().numpy(), b.labels.cpu().numpy(), k, IGNORE)
+    if world.distributed:
+        total = torch.from_numpy(conf)
+        dist.all_reduce(total)
+        conf = total.numpy()
     return conf
 
 
@@ -240,38 +271,53 @@ def _train(
     split: Split,
     cfg: SegConfig,
     device: torch.device,
+    world: World,
     total: int,
     console: Console,
     partial: PartialRun,
 ) -> list[tuple[int, float]]:
-    """``total`` steps of the head (linear probe) or of everything (fine-tune), resumed from
-    ``partial``'s checkpoint when there is one; the loss curve."""
-    optimizer, scheduler = _optimizer(model, cfg, total)
-    state = partial.load(model, optimizer, scheduler)
-    if state.step:
-        console.print(f"resuming from step {state.step} of {total} ({partial.path.name})")
-    if state.step >= total:
-        return state.curve
-    batches = (
-        _cached_batches(model, split, cfg, device, console, state.step)
-        if cfg.cache_features
-        else _online_batches(split, cfg, device, state.step)
+    """``total`` steps of the head (linear probe) or of everything (fine-tune) through the
+    engine, resumed from ``partial``'s checkpoint when there is one; the loss curve."""
+    n = len(split.frames)
+    fit = Fit.build(
+        model.head if model.frozen else model,
+        lambda: head_groups(model, cfg),
+        cfg.optim,
+        world=world,
+        device=device,
+        total=total,
+        per_epoch=steps_per_epoch(n, cfg.optim.batch_size),
     )
+    curve = partial.load(fit, console)
+    if fit.step:
+        console.print(f"resuming from step {fit.step} of {total} ({partial.path.name})")
+    if fit.done:
+        return curve
+    if cfg.cache_features:
+        feats, labels = frozen_features(model, split, cfg, device, console)
 
-    def loss_of(batch: tuple) -> torch.Tensor:
-        model.train()
-        if cfg.cache_features:
+        def epoch_batches(epoch: int, start: int) -> Iterator[tuple]:
+            return feature_epoch(feats, labels, cfg, world, device, epoch, start)
+
+        def loss_of(batch: tuple) -> torch.Tensor:
+            model.train()
             x, y = batch
-            return seg_loss(model.head(x), y)
-        (b,) = batch
-        return seg_loss(model(b.points, b.batch), b.labels)
+            return seg_loss(fit.net(x), y)
 
-    def save(s: FitState) -> None:
-        partial.save(s, model, optimizer, scheduler)
+    else:
+        epoch_batches = online_epochs(split, cfg, world, device)
 
-    curve = fit(loss_of, batches, optimizer, scheduler, total, cfg, console, state, save)
-    batches.close()  # stops a DataLoader mid-epoch (its workers) now, not at garbage collection
-    return curve
+        def loss_of(batch: SegBatch) -> torch.Tensor:
+            model.train()
+            if model.frozen:  # the backbone runs without a graph; DDP wraps the head
+                return seg_loss(fit.net(model.features(batch.points, batch.batch)), batch.labels)
+            return seg_loss(fit.net(batch.points, batch.batch), batch.labels)
+
+    def save(curve: list[tuple[int, float]]) -> None:
+        if world.main:
+            partial.save(fit, curve)
+
+    return run_fit(fit, epoch_batches, loss_of, cfg, console, curve, save)
 
 
 def split_record(cfg: SegConfig, train: Split, val: Split) -> dict:
@@ -319,10 +365,13 @@ def run_segmentation(
     out: str | Path | None = None,
     console: Console | None = None,
 ) -> dict:
-    """Train and score one linear probe / fine-tune run; returns (and writes) the result."""
-    console = console or Console()
+    """Train and score one linear probe / fine-tune run; returns (and writes) the result.
+    Under torchrun the processes train data-parallel (the global batch split over them) and
+    the first one writes the result and the checkpoints."""
+    world = init_distributed(device_type(cfg.device))
+    console = (console or Console()) if world.main else Console(quiet=True)
     tick = time.perf_counter()
-    device = pick_device(cfg.device, World())
+    device = pick_device(cfg.device, world)
     _, train_name, val_name = cfg.data.resolved()
     train_split = open_split(cfg.data, train_name, fraction=cfg.data.fraction)
     val_split = open_split(cfg.data, val_name, max_frames=cfg.data.max_val_frames)
@@ -337,7 +386,7 @@ def run_segmentation(
     console.print(
         f"[bold]hilda-eval[/] {what} on {cfg.data.dataset}, {init} backbone {backbone}: {n} of "
         f"{train_split.total} {train_name} frames, {len(val_split.frames)} {val_name} frames, "
-        f"{total} steps on {device}"
+        f"{total} steps on {device}" + (f" x {world.size} processes" if world.distributed else "")
     )
     if out is None:
         path = result_path(backbone, cfg.mode, cfg.data.fraction, init, cfg.data.dataset)
@@ -346,9 +395,9 @@ def run_segmentation(
     sha = file_sha256(backbone)
     partial = PartialRun(partial_path(path), to_dict(cfg), sha, init)
     with deterministic_mode(cfg.deterministic):  # after build_backbone imported the backend
-        curve = _train(model, train_split, cfg, device, total, console, partial)
+        curve = _train(model, train_split, cfg, device, world, total, console, partial)
         train_seconds = time.perf_counter() - tick
-        conf = evaluate(model, val_split, cfg, device)
+        conf = evaluate(model, val_split, cfg, device, world)
     result = {
         "protocol": "linear-probe" if cfg.mode == "linear" else "finetune",
         "init": init,
@@ -357,13 +406,16 @@ def run_segmentation(
         **split_record(cfg, train_split, val_split),
         "steps": total,
         "device": str(device),
+        "processes": world.size,
         **scores(conf, train_split.classes),
         "loss_curve": curve,
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - tick,
         "config": to_dict(cfg),
     }
-    write_json(path, result)
-    partial.remove()
+    if world.main:
+        write_json(path, result)
+        partial.remove()
+    barrier()  # every process sees the result before going on (hilda-eval table's resume)
     result["path"] = str(path)
     return result

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from hilda.atomic import atomic_write, write_json
 from hilda.engine.config_io import load_config, to_dict
+from hilda.engine.distributed import main_process
 from hilda.errors import ConfigError, HildaError
 from hilda.eval.config import SegConfig, protocol
 from hilda.eval.data import file_sha256
@@ -207,9 +208,10 @@ def run_table(spec: TableSpec, out: str | Path, console: Console | None = None) 
         console.print(f"{where}: mIoU {100 * result['miou']:.2f} ({path.name})")
         results[entry] = result
         table = table_record(spec, sha, entries, results)
-        write_json(out / "table.json", table)
-        text = markdown(table)
-        atomic_write(out / "table.md", lambda tmp, text=text: tmp.write_text(text))
+        if main_process():  # under torchrun, the first process writes the table
+            write_json(out / "table.json", table)
+            text = markdown(table)
+            atomic_write(out / "table.md", lambda tmp, text=text: tmp.write_text(text))
     table["path"] = str(out / "table.json")
     return table
 

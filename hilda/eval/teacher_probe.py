@@ -12,6 +12,7 @@ probe is.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,14 @@ from rich.console import Console
 from hilda.atomic import write_json
 from hilda.cache import CacheReader
 from hilda.engine.config_io import to_dict
+from hilda.engine.distributed import World
+from hilda.engine.fit import Fit
 from hilda.engine.optim import steps_per_epoch, total_steps
 from hilda.errors import HildaError
 from hilda.eval.config import SegConfig
 from hilda.eval.data import IGNORE, Split, open_split, read_labelled
 from hilda.eval.metrics import confusion
-from hilda.eval.probe import feature_batches, fit, optimizer_for, scores, seg_loss
+from hilda.eval.probe import feature_epoch, run_fit, scores, seg_loss
 from hilda.eval.segment import SegmentationHead
 from hilda.models.grid import sample_grid
 
@@ -111,8 +114,16 @@ def run_teacher_probe(
     head = SegmentationHead(train_x[0].shape[1], len(classes))
     per_epoch = steps_per_epoch(len(train_x), cfg.optim.batch_size)
     total = total_steps(cfg.optim.epochs, per_epoch, cfg.optim.max_steps)
-    groups = [{"params": list(head.parameters()), "lr": cfg.optim.lr * cfg.optim.head_lr_mult}]
-    optimizer, scheduler = optimizer_for(groups, cfg, total)
+    world, device = World(), torch.device("cpu")  # a head on cached features: one process
+    fit = Fit.build(
+        head,
+        lambda: [{"params": list(head.parameters()), "lr": cfg.optim.lr * cfg.optim.head_lr_mult}],
+        cfg.optim,
+        world=world,
+        device=device,
+        total=total,
+        per_epoch=per_epoch,
+    )
     console.print(
         f"[bold]hilda-eval[/] teacher probe, teacher/{name}: {len(train_x)} {train_name} frames, "
         f"{len(val_x)} {val_name} frames, {total} steps"
@@ -122,9 +133,10 @@ def run_teacher_probe(
         head.train()
         return seg_loss(head(batch[0]), batch[1])
 
-    device = torch.device("cpu")
-    batches = feature_batches(train_x, train_y, cfg, device)
-    curve = fit(loss_of, batches, optimizer, scheduler, total, cfg, console)
+    def epoch_batches(epoch: int, start: int) -> Iterator[tuple]:
+        return feature_epoch(train_x, train_y, cfg, world, device, epoch, start)
+
+    curve = run_fit(fit, epoch_batches, loss_of, cfg, console)
     result = {
         "protocol": "teacher-linear-probe",
         "teacher": name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hilda.errors import HildaError
+
 console = Console(stderr=True)
+
+
+class NoWorkersError(HildaError):
+    """The stage's cluster has had no workers for longer than its timeout."""
 
 
 @dataclass(frozen=True)
@@ -27,16 +34,29 @@ class ClusterConfig:
     scheduler: str | None = None  # address of an existing cluster; overrides workers
     gpu_workers: bool = False  # local workers advertise one "GPU" resource each
     processes: bool = True  # False: threads in this process (needed for memory:// stores)
+    # A stage whose cluster has had no worker this long fails (an external scheduler whose
+    # workers all died would otherwise wait for ever, showing nothing).
+    no_worker_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Workers:
+    """A stage's connection to its cluster: the ``distributed.Client`` and how long tasks
+    may wait with no worker to run them."""
+
+    client: Any
+    no_worker_timeout: float = 300.0
+    address: str = ""
 
 
 @contextlib.contextmanager
-def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
+def dask_client(cfg: ClusterConfig) -> Iterator[Workers]:
     """A ``distributed.Client`` on an existing scheduler or on a fresh local cluster."""
     from distributed import Client, LocalCluster
 
     if cfg.scheduler:
         with Client(cfg.scheduler) as client:
-            yield client
+            yield Workers(client, cfg.no_worker_timeout, cfg.scheduler)
         return
     # One thread per worker process: the ops are numpy/torch heavy and hold the GIL in
     # places; torch in each worker is limited to one thread for the same reason.
@@ -55,7 +75,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
         ) as cluster,
         Client(cluster) as client,
     ):
-        yield client
+        yield Workers(client, cfg.no_worker_timeout, "a local cluster")
 
 
 @dataclass(frozen=True)
@@ -65,8 +85,11 @@ class Task:
     args: tuple
 
 
+POLL_S = 1.0  # how often the driver looks at the cluster while no task finishes
+
+
 def run_tasks(
-    client: Any,
+    workers: Workers,
     fn: Callable[..., Any],
     tasks: Sequence[Task],
     *,
@@ -75,13 +98,16 @@ def run_tasks(
     resources: dict[str, float] | None = None,
 ) -> list[Any]:
     """Run ``fn(*task.args)`` for every task on the cluster; ``on_done`` runs on the driver
-    as each finishes (in completion order). Results are returned in task order."""
-    from distributed import as_completed
+    as each finishes (in completion order). Results are returned in task order. When the
+    cluster has no worker the bar says so, and after ``workers.no_worker_timeout`` seconds
+    without one the stage fails (the shards done so far are kept)."""
+    from distributed import wait
 
+    client = workers.client
     results: dict[int, Any] = {}
     total = sum(t.frames for t in tasks)
     with Progress(
-        TextColumn(f"[bold]{label}[/]"),
+        TextColumn("[bold]{task.description}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("frames"),
@@ -100,13 +126,48 @@ def run_tasks(
                 resources=resources,
             )
             futures[fut] = task
+        pending = set(futures)
+        alone_since: float | None = None  # when the cluster was last seen without workers
         try:
-            for fut in as_completed(futures):
-                task = futures[fut]
-                results[task.key] = fut.result()
-                on_done(task, results[task.key])
-                bar.update(progress, advance=task.frames)
+            while pending:
+                try:
+                    finished, pending = wait(pending, timeout=POLL_S, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    finished = set()
+                for fut in sorted(finished, key=lambda f: futures[f].key):
+                    task = futures[fut]
+                    results[task.key] = fut.result()
+                    on_done(task, results[task.key])
+                    bar.update(progress, advance=task.frames)
+                if finished:
+                    continue
+                alone_since = _check_workers(workers, alone_since, label)
+                waiting = "" if alone_since is None else _waiting(workers, alone_since)
+                bar.update(progress, description=f"{label}{waiting}")
         finally:
             for fut in futures:
                 fut.cancel()
     return [results[t.key] for t in tasks]
+
+
+def _check_workers(workers: Workers, alone_since: float | None, label: str) -> float | None:
+    """When the cluster was first seen without workers in the current spell (None: it has
+    some); raises once the spell is longer than the timeout."""
+    if workers.client.nthreads():
+        return None
+    now = time.monotonic()
+    if alone_since is None:
+        return now
+    if now - alone_since > workers.no_worker_timeout:
+        raise NoWorkersError(
+            f"{label}: the Dask cluster ({workers.address}) has had no workers for "
+            f"{workers.no_worker_timeout:g} s, so no task can run. Start workers for it "
+            "(`dask worker ADDRESS`) or run without --scheduler; the shards already done are "
+            "kept and a rerun resumes from them (--no-worker-timeout sets the wait)"
+        )
+    return alone_since
+
+
+def _waiting(workers: Workers, alone_since: float) -> str:
+    waited = time.monotonic() - alone_since
+    return f" [red](no Dask workers for {waited:.0f} s of {workers.no_worker_timeout:g})[/]"

@@ -18,17 +18,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from hilda.atomic import atomic_write, write_json
 from hilda.determinism import deterministic_mode
-from hilda.engine.checkpoint import (
-    load_latest_checkpoint,
-    previous_path,
-    save_checkpoint,
-    set_rng_state,
-)
+from hilda.engine.checkpoint import load_latest_checkpoint, previous_path, save_checkpoint
 from hilda.engine.config_io import from_dict, save_config, to_dict
 from hilda.engine.distributed import (
     World,
@@ -37,10 +31,10 @@ from hilda.engine.distributed import (
     pick_device,
     reduce_mean,
     shutdown,
-    sync_batchnorm,
 )
+from hilda.engine.fit import Fit
 from hilda.engine.metrics import MetricsLog
-from hilda.engine.optim import build_optimizer, build_scheduler, total_steps
+from hilda.engine.optim import total_steps
 from hilda.engine.sampler import ResumableSampler
 from hilda.errors import ConfigError, HildaError
 from hilda.lock import writer_lock
@@ -71,35 +65,19 @@ class RunResult:
     backbone: Path | None
 
 
-def train_step(
-    model: torch.nn.Module,
-    batch: Batch,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    cfg: TrainConfig,
-    device: torch.device,
-) -> dict[str, float]:
-    """Forward, Eq. 4, backward, clip, step; returns the global means of every term."""
-    amp = cfg.optim.amp and device.type == "cuda"
-    dtype = torch.float16 if cfg.optim.amp_dtype == "float16" else torch.bfloat16
-    autocast = torch.autocast("cuda", dtype=dtype) if amp else contextlib.nullcontext()
-    with autocast:
-        terms = model(batch)
+def train_step(fit: Fit, batch: Batch, cfg: TrainConfig) -> dict[str, float]:
+    """Forward, Eq. 4 and one engine step; returns the global means of every term."""
+    fit.net.train()
+    batch = batch.to(fit.device)
+    with fit.autocast():
+        terms = fit.net(batch)
         loss = total_loss({k: terms[k] for k in EQ4_TERMS if k in terms}, cfg.loss.weights)
-    if not amp and not torch.isfinite(loss):
+    if not fit.amp and not torch.isfinite(loss):
         raise HildaError(
             f"non-finite loss {float(loss)} on t0 frames {batch.frames.tolist()}: "
             f"{ {k: float(v) for k, v in terms.items()} }"
         )
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if cfg.optim.grad_clip is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
+    fit.update(loss)
     logged = {k: float(reduce_mean(v)) for k, v in terms.items()}
     logged["loss"] = float(reduce_mean(loss))
     return logged
@@ -153,7 +131,7 @@ def _train(
     if cfg.loss.center_teacher and cfg.loss.distill:
         means = teacher_means(info, samples.frames, cfg.loss.center_frames)
     model = HildaModel(cfg, info.teacher_dim, means).to(device)
-    run = TrainRun.build(cfg, model, world, device, total, per_epoch)
+    run = build_fit(cfg, model, world, device, total, per_epoch)
     if blob is not None:
         run.load(blob)
     if world.main:
@@ -162,7 +140,7 @@ def _train(
     dataset = CacheDataset(cfg, info, samples)
     sampler = ResumableSampler(dataset, num_replicas=world.size, rank=world.rank, seed=cfg.run.seed)
     try:
-        record = _epochs(run, dataset, sampler, log, ckpt_path, console)
+        record = _epochs(cfg, run, dataset, sampler, log, ckpt_path, console)
     finally:
         log.close()
     backbone = None
@@ -192,80 +170,27 @@ def _resume_point(cfg: TrainConfig, ckpt_path: Path, console: Console) -> dict:
     return blob
 
 
-@dataclass
-class TrainRun:
-    """What a step changes and a checkpoint saves: the model (and its DDP wrapper), the
-    optimiser, schedule and scaler, and the position (step, epoch, batches of the epoch)."""
-
-    cfg: TrainConfig
-    model: HildaModel
-    net: torch.nn.Module  # the model, or its DDP wrapper
-    device: torch.device
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    world: World
-    total: int
-    per_epoch: int
-    step: int = 0
-    epoch: int = 0
-    batches_done: int = 0
-
-    @classmethod
-    def build(
-        cls,
-        cfg: TrainConfig,
-        model: HildaModel,
-        world: World,
-        device: torch.device,
-        total: int,
-        per_epoch: int,
-    ) -> TrainRun:
-        if world.distributed and cfg.run.sync_bn:
-            sync_batchnorm(model, device.type)
-        net: torch.nn.Module = model
-        if world.distributed:
-            ids = [device.index] if device.type == "cuda" else None
-            net = DistributedDataParallel(model, device_ids=ids)
-        o = cfg.optim
-        optimizer = build_optimizer(
-            [{"params": model.parameters(), "lr": o.lr}], o.weight_decay, o.betas
-        )
-        scheduler = build_scheduler(optimizer, total, o)
-        fp16 = o.amp and device.type == "cuda" and o.amp_dtype == "float16"
-        scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # bf16 needs no scaling
-        return cls(cfg, model, net, device, optimizer, scheduler, scaler, world, total, per_epoch)
-
-    def load(self, blob: dict) -> None:
-        self.model.load_state_dict(blob["model"])
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        if blob.get("scaler"):
-            self.scaler.load_state_dict(blob["scaler"])
-        set_rng_state(blob["rng"])
-        self.step, self.epoch, self.batches_done = blob["step"], blob["epoch"], blob["batches_done"]
-
-    def state(self) -> dict:
-        """The checkpoint: after this step, positioned at the next epoch if this one ended."""
-        ended = self.batches_done >= self.per_epoch
-        epoch, done = (self.epoch + 1, 0) if ended else (self.epoch, self.batches_done)
-        return {
-            "step": self.step,
-            "epoch": epoch,
-            "batches_done": done,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "config": to_dict(self.cfg),
-        }
-
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        self.net.train()
-        args = (self.optimizer, self.scheduler, self.scaler, self.cfg, self.device)
-        terms = train_step(self.net, batch.to(self.device), *args)
-        self.step, self.batches_done = self.step + 1, self.batches_done + 1
-        return terms
+def build_fit(
+    cfg: TrainConfig,
+    model: HildaModel,
+    world: World,
+    device: torch.device,
+    total: int,
+    per_epoch: int,
+) -> Fit:
+    """The engine's state for pre-training: every parameter at ``optim.lr``."""
+    o = cfg.optim
+    return Fit.build(
+        model,
+        lambda: [{"params": list(model.parameters()), "lr": o.lr}],
+        o,
+        world=world,
+        device=device,
+        total=total,
+        per_epoch=per_epoch,
+        sync_bn=cfg.run.sync_bn,
+        betas=o.betas,
+    )
 
 
 def _write_run_info(
@@ -274,7 +199,7 @@ def _write_run_info(
     info: CacheInfo,
     samples: SampleIndex,
     world: World,
-    run: TrainRun,
+    run: Fit,
     console: Console,
     resumed: bool,
 ) -> None:
@@ -303,7 +228,8 @@ def _write_run_info(
 
 
 def _epochs(
-    run: TrainRun,
+    cfg: TrainConfig,
+    run: Fit,
     dataset: CacheDataset,
     sampler: ResumableSampler,
     log: MetricsLog,
@@ -311,7 +237,7 @@ def _epochs(
     console: Console,
 ) -> dict[str, float]:
     """Train from the run's position to its last step; returns the last step's record."""
-    cfg, b = run.cfg, run.cfg.optim.batch_size
+    b = cfg.optim.batch_size
     record: dict[str, float] = {}
     progress = Progress(
         TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
@@ -326,9 +252,9 @@ def _epochs(
         task = progress.add_task(
             "train", total=run.total, completed=run.step, epoch=run.epoch, status=""
         )
-        while run.step < run.total:
-            sampler.set_epoch(run.epoch)
-            sampler.start = run.batches_done * b
+        for epoch, batches_done in run.epochs():
+            sampler.set_epoch(epoch)
+            sampler.start = batches_done * b
             loader = DataLoader(
                 dataset,
                 batch_size=b,
@@ -340,25 +266,23 @@ def _epochs(
             )
             tick, seen = time.perf_counter(), 0
             for batch in loader:
-                terms = run.train_step(batch)
+                terms = train_step(run, batch, cfg)
                 seen += b * run.world.size
                 record = _record(run, terms, seen / max(time.perf_counter() - tick, 1e-9))
-                _report(run, record, log, progress, task, console)
-                if run.step % cfg.run.checkpoint_every == 0 or run.step == run.total:
+                _report(cfg, run, record, log, progress, task, console)
+                if run.step % cfg.run.checkpoint_every == 0 or run.done:
                     if run.world.main:
-                        save_checkpoint(ckpt_path, run.state())
-                if run.step >= run.total:
+                        save_checkpoint(ckpt_path, {**run.state(), "config": to_dict(cfg)})
+                if run.done:
                     break
-            if run.batches_done >= run.per_epoch:
-                run.epoch, run.batches_done = run.epoch + 1, 0
     return record
 
 
-def _record(run: TrainRun, terms: dict[str, float], rate: float) -> dict[str, float]:
+def _record(run: Fit, terms: dict[str, float], rate: float) -> dict[str, float]:
     return {
         "step": run.step,
         "epoch": run.epoch,
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": run.lr,
         **terms,
         "samples_per_s": rate,
         "time": time.time(),
@@ -366,14 +290,20 @@ def _record(run: TrainRun, terms: dict[str, float], rate: float) -> dict[str, fl
 
 
 def _report(
-    run: TrainRun, record: dict, log: MetricsLog, progress: Progress, task, console: Console
+    cfg: TrainConfig,
+    run: Fit,
+    record: dict,
+    log: MetricsLog,
+    progress: Progress,
+    task,
+    console: Console,
 ) -> None:
     """Metrics every ``log_every`` steps (and a plain line where there is no terminal), and
     the progress bar every step."""
     terms = ("loss", *EQ4_TERMS)
     status = " ".join(f"{k} {record[k]:.4f}" for k in terms if k in record)
     rate = f"{record['samples_per_s']:.2f} samples/s"
-    if run.step % run.cfg.run.log_every == 0 or run.step == run.total:
+    if run.step % cfg.run.log_every == 0 or run.done:
         log.write(record)
         if run.world.main and not console.is_terminal:  # CI logs: a plain line
             console.print(f"step {run.step}/{run.total} {status} | {rate}")

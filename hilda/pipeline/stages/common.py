@@ -27,7 +27,7 @@ from hilda.data_schemas.store import RAGGED_ROWS_PER_SHARD, GroupSpec, is_half_m
 from hilda.data_schemas.validate import validate_store
 from hilda.errors import HildaError
 from hilda.lock import writer_lock
-from hilda.pipeline.runner import ClusterConfig, Task, dask_client, run_tasks
+from hilda.pipeline.runner import ClusterConfig, Task, Workers, dask_client, run_tasks
 from hilda.pipeline.store_io import create_group
 
 
@@ -42,7 +42,7 @@ class StageOptions:
     skip_bad: bool = False
 
 
-def stage_client(store: str, cluster: ClusterConfig) -> contextlib.AbstractContextManager[Any]:
+def stage_client(store: str, cluster: ClusterConfig) -> contextlib.AbstractContextManager[Workers]:
     """The stage's Dask client; memory:// stores live in one process, so their stages run
     on in-process (thread) workers."""
     if store.startswith("memory://") and cluster.scheduler is None:
@@ -217,10 +217,9 @@ def write_ragged(
         arr[:] = False
     done = done_map(group, "rows_done")
     copy = (store, group.path, staging, columns, frames_per_shard)
+    counted = frames_counted(offsets, rows)
     tasks = [
-        Task(i, _span(frame_rows(offsets, a, b)), (*copy, a, b, offsets))
-        for i, (a, b) in enumerate(rows)
-        if not done[i]
+        Task(i, counted[i], (*copy, a, b, offsets)) for i, (a, b) in enumerate(rows) if not done[i]
     ]
     if tasks:
 
@@ -372,8 +371,17 @@ def _by_index(entries: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(entries.items(), key=lambda kv: int(kv[0])))
 
 
-def _span(frames: tuple[int, int]) -> int:
-    return frames[1] - frames[0]
+def frames_counted(offsets: np.ndarray, rows: list[tuple[int, int]]) -> list[int]:
+    """Frames each row shard counts for the progress bar: those whose first row lies in it
+    (empty frames at the end count with the last shard), so a frame that spans two shards
+    counts once and the shards' counts add up to the number of frames."""
+    starts = np.asarray(offsets[:-1])  # (F,)
+    if not rows:
+        return []
+    bounds = [a for a, _ in rows] + [np.iinfo(np.int64).max]
+    edges = np.searchsorted(starts, bounds, side="left")
+    edges[0] = 0
+    return [int(n) for n in np.diff(edges)]
 
 
 def frame_rows(offsets: np.ndarray, start: int, stop: int) -> tuple[int, int]:

@@ -3,15 +3,22 @@ group (every keyframe sweep, CSR)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import zarr
 
 from hilda.data_schemas.records import Frame
-from hilda.data_schemas.store import DEFAULT_FRAMES_PER_SHARD, INDEX, POINTS, normalize_store
+from hilda.data_schemas.store import (
+    DEFAULT_FRAMES_PER_SHARD,
+    INDEX,
+    POINTS,
+    normalize_store,
+    relative_to_root,
+)
 from hilda.datasets import open_dataset
-from hilda.datasets.io import DatasetError, read_sweep
+from hilda.datasets.io import DatasetError, read_lidarseg_labels, read_sweep
 from hilda.errors import HildaError
 from hilda.pipeline.stages.common import (
     StageOptions,
@@ -38,17 +45,22 @@ class IndexConfig:
         object.__setattr__(self, "store", normalize_store(self.store))
 
 
-def index_arrays(frames: list[Frame], cameras: list[str]) -> dict[str, np.ndarray]:
-    """The index group's arrays for ``frames`` (pure; cameras in store order)."""
+def index_arrays(frames: list[Frame], cameras: list[str], root: str) -> dict[str, np.ndarray]:
+    """The index group's arrays for ``frames`` (pure; cameras in store order; file paths
+    relative to the dataset ``root``)."""
     f, v = len(frames), len(cameras)
+
+    def rel(path: str | None) -> str:
+        return relative_to_root(root, path or "")
+
     out = {
         "token": np.array([fr.token for fr in frames], dtype=object),
         "scene": np.array([fr.scene for fr in frames], dtype=object),
         "timestamp": np.array([fr.timestamp for fr in frames], dtype=np.int64),
         "prev": np.array([-1 if fr.prev is None else fr.prev for fr in frames], dtype=np.int32),
         "next": np.array([-1 if fr.next is None else fr.next for fr in frames], dtype=np.int32),
-        "lidar_path": np.array([fr.lidar_file for fr in frames], dtype=object),
-        "labels_path": np.array([fr.labels_file or "" for fr in frames], dtype=object),
+        "lidar_path": np.array([rel(fr.lidar_file) for fr in frames], dtype=object),
+        "labels_path": np.array([rel(fr.labels_file) for fr in frames], dtype=object),
         "lidar_to_ego": np.stack([fr.lidar_to_ego for fr in frames]) if f else np.zeros((0, 4, 4)),
         "ego_to_global": np.stack([fr.ego_to_global for fr in frames])
         if f
@@ -68,16 +80,23 @@ def index_arrays(frames: list[Frame], cameras: list[str]) -> dict[str, np.ndarra
             out["cam_ego_to_global"][i, j] = cam.ego_to_global
             out["cam_timestamp"][i, j] = cam.timestamp
             out["image_size"][i, j] = (cam.width, cam.height)
-            out["image_path"][i, j] = cam.image_file
+            out["image_path"][i, j] = rel(cam.image_file)
     return out
 
 
-def read_sweeps(paths: list[str], tokens: list[str]) -> list[tuple[np.ndarray] | str]:
-    """Dask task: per frame its (N, 4) sweep, or the error that names the bad file."""
+def read_sweeps(
+    paths: list[str], tokens: list[str], labels: list[str | None]
+) -> list[tuple[np.ndarray] | str]:
+    """Dask task: per frame its (N, 4) sweep, or the error that names the bad file. A frame's
+    per-point label file, when it has one, must hold one label per point: a truncated one is
+    found here, at prep, not in a fine-tune's data loader."""
     out: list[tuple[np.ndarray] | str] = []
-    for path, token in zip(paths, tokens, strict=True):
+    for path, token, label_file in zip(paths, tokens, labels, strict=True):
         try:
-            out.append((read_sweep(path, token),))
+            points = read_sweep(path, token)
+            if label_file:
+                read_lidarseg_labels(label_file, len(points), token)
+            out.append((points,))
         except DatasetError as exc:
             out.append(str(exc))
     return out
@@ -115,22 +134,25 @@ def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
         version=cfg.version,
         split=cfg.split,  # type: ignore[arg-type]
         keyframe_every=cfg.keyframe_every,
+        skip_bad=options.skip_bad,
     )
     frames = reader.frames
     if not frames:
         raise DatasetError(f"no keyframes in {cfg.dataset} {cfg.root} ({cfg.version}, {cfg.split})")
     cameras = list(dict.fromkeys(c.name for f in frames for c in f.cameras))  # first-seen order
     root = _open_or_init(cfg, options)
+    dataset_root = os.path.abspath(cfg.root)
     dims = {"F": len(frames), "V": len(cameras)}
     index_attrs = {
         "cameras": cameras,
         "num_frames": len(frames),
         "frames_per_shard": cfg.frames_per_shard,
-        "dataset_root": cfg.root,
+        "dataset_root": dataset_root,
+        "skipped_scenes": dict(sorted(reader.skipped.items())),  # broken links (--skip-bad)
     }
     group = prepare_group(root, INDEX, dims, cfg.frames_per_shard, index_attrs, overwrite=False)
     if not np.all(group["done"][:]):
-        for name, values in index_arrays(frames, cameras).items():
+        for name, values in index_arrays(frames, cameras, dataset_root).items():
             group[name][:] = values
         group["done"][:] = True
 
@@ -144,6 +166,7 @@ def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
     )
     paths = [f.lidar_file for f in frames]
     tokens = [f.token for f in frames]
+    labels = [f.labels_file for f in frames]
     with stage_client(cfg.store, options.cluster) as client:
         offsets = write_ragged(
             client,
@@ -151,7 +174,7 @@ def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
             store=cfg.store,
             columns=("data",),
             compute_fn=read_sweeps,
-            compute_args=lambda a, b: (paths[a:b], tokens[a:b]),
+            compute_args=lambda a, b: (paths[a:b], tokens[a:b], labels[a:b]),
             num_frames=len(frames),
             frames_per_shard=cfg.frames_per_shard,
             skip_bad=options.skip_bad,
@@ -162,4 +185,5 @@ def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
         "cameras": len(cameras),
         "points": int(offsets[-1]),
         "skipped": len(points.attrs.get("skipped", {})),
+        "damaged scenes": len(reader.skipped),
     }

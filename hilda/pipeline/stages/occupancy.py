@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import zarr
 
-from hilda.data_schemas.store import OCCUPANCY, normalize_store
+from hilda.data_schemas.store import OCCUPANCY, dataset_file, normalize_store
 from hilda.pipeline.ops.occupancy import OccupancyConfig, future_occupancy
 from hilda.pipeline.stages.common import (
     FrameError,
@@ -48,7 +48,7 @@ def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> 
     index = root["index"]
     nxt = np.asarray(index["next"][:])
     tokens = np.asarray(index["token"][:])
-    lidar_paths = np.asarray(index["lidar_path"][:])
+    lidar_paths = np.asarray(index["lidar_path"][:])  # relative to index dataset_root
     lidar_to_ego = np.asarray(index["lidar_to_ego"][:])  # (F, 4, 4): small, read once
     ego_to_global = np.asarray(index["ego_to_global"][:])
     offsets = np.asarray(root["points/offsets"][:])
@@ -73,7 +73,8 @@ def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> 
         try:
             bev[f - f0] = future_occupancy(future, transforms, occ, seed=f)
         except ValueError as exc:
-            msg = f"frame {tokens[f]}: occupancy from {lidar_paths[g]} failed: {exc}"
+            sweep = dataset_file(str(index.attrs["dataset_root"]), str(lidar_paths[g]))
+            msg = f"frame {tokens[f]}: occupancy from {sweep} failed: {exc}"
             if not skip_bad:
                 raise FrameError(msg + "; rerun with --skip-bad to record it as skipped") from None
             bad[f] = msg

@@ -9,6 +9,7 @@ import numpy as np
 import zarr
 
 from hilda.data_schemas.store import POINTMAPS, normalize_store
+from hilda.errors import HildaError
 from hilda.pipeline.ops.occlusion import OcclusionRule, visible_mask
 from hilda.pipeline.ops.projection import frame_pairs
 from hilda.pipeline.stages.common import (
@@ -44,6 +45,7 @@ class _FrameSource:
         self.f0 = f0
         self.points = PointsBlock(root, f0, f1)
         index = root["index"]
+        self.tokens = np.asarray(index["token"][f0:f1])
         self.calib = {
             k: np.asarray(index[k][f0:f1])
             for k in (
@@ -58,6 +60,9 @@ class _FrameSource:
 
     def pairs(self, f: int, cfg: PointmapConfig) -> tuple[np.ndarray, ...]:
         i = f - self.f0
+        for name, value in self.calib.items():
+            if not np.all(np.isfinite(value[i])):  # a damaged store or a hand-edited index
+                raise ValueError(f"index/{name} holds NaN or inf")
         pts = self.points.frame(f)
         visible = functools.partial(visible_mask, rule=cfg.rule) if cfg.occlusion else None
         c = self.calib
@@ -75,10 +80,17 @@ class _FrameSource:
         )
 
 
-def compute_pairs(cfg: PointmapConfig, f0: int, f1: int) -> list[tuple[np.ndarray, ...]]:
-    """Dask task: (point, cam, uv, depth) pairs of each frame of [f0, f1)."""
+def compute_pairs(cfg: PointmapConfig, f0: int, f1: int) -> list[tuple[np.ndarray, ...] | str]:
+    """Dask task: (point, cam, uv, depth) pairs of each frame of [f0, f1), or the error that
+    names a frame whose pairs cannot be computed (a singular calibration, say)."""
     src = _FrameSource(cfg.store, f0, f1)
-    return [src.pairs(f, cfg) for f in range(f0, f1)]
+    out: list[tuple[np.ndarray, ...] | str] = []
+    for f in range(f0, f1):
+        try:
+            out.append(src.pairs(f, cfg))
+        except (ValueError, np.linalg.LinAlgError, HildaError) as exc:
+            out.append(f"frame {src.tokens[f - f0]} (row {f}): point-pixel pairs failed: {exc}")
+    return out
 
 
 @locked_stage("build-pointmaps")
@@ -110,4 +122,8 @@ def run_pointmaps(cfg: PointmapConfig, options: StageOptions) -> dict[str, int]:
             label="pointmaps",
         )
     record_stage(root, "pointmaps", {"occlusion": cfg.occlusion, **asdict(cfg.rule)})
-    return {"frames": num_frames, "pairs": int(offsets[-1])}
+    return {
+        "frames": num_frames,
+        "pairs": int(offsets[-1]),
+        "skipped": len(group.attrs.get("skipped", {})),
+    }

@@ -15,8 +15,14 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from hilda.data_schemas.store import normalize_store, teacher_group
-from hilda.datasets.io import DatasetError, read_class_map, read_image, require_file
+from hilda.data_schemas.store import dataset_file, normalize_store, teacher_group
+from hilda.datasets.io import (
+    DatasetError,
+    check_image_size,
+    read_class_map,
+    read_image,
+    require_file,
+)
 from hilda.errors import ConfigError
 from hilda.models.oracle import ORACLE_ID, OracleSpec, OracleTeacher
 from hilda.models.teacher import (
@@ -116,20 +122,27 @@ def _teacher(cfg: TeacherConfig) -> tuple[Teacher, TeacherInfo, torch.device]:
 
 
 def load_images(
-    paths: list[str], size: tuple[int, int], frame: str, threads: int = 1
+    paths: list[str],
+    size: tuple[int, int],
+    frame: str,
+    threads: int = 1,
+    expect: list[tuple[int, int]] | None = None,
 ) -> list[np.ndarray]:
     """Decode (libjpeg draft mode to near the target size) and resize to ``size`` (W, H),
-    ``threads`` images at a time (libjpeg and PIL's resize release the GIL)."""
+    ``threads`` images at a time (libjpeg and PIL's resize release the GIL). ``expect``:
+    each file's (W, H) as its dataset table gives it, checked."""
     from PIL import Image
 
-    def one(path: str) -> np.ndarray:
-        img = read_image(path, frame, draft=size)
+    sizes = expect if expect is not None else [None] * len(paths)
+
+    def one(path: str, expected: tuple[int, int] | None) -> np.ndarray:
+        img = read_image(path, frame, draft=size, expect_size=expected)
         return np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
 
     if threads <= 1 or len(paths) <= 1:
-        return [one(p) for p in paths]
+        return [one(p, e) for p, e in zip(paths, sizes, strict=True)]
     with ThreadPoolExecutor(min(threads, len(paths))) as pool:
-        return list(pool.map(one, paths))
+        return list(pool.map(one, paths, sizes))
 
 
 def cuda_decode_available(device: str) -> bool:
@@ -144,10 +157,14 @@ def cuda_decode_available(device: str) -> bool:
 
 
 def load_images_cuda(
-    paths: list[str], size: tuple[int, int], frame: str, device: torch.device
+    paths: list[str],
+    size: tuple[int, int],
+    frame: str,
+    device: torch.device,
+    expect: list[tuple[int, int]] | None = None,
 ) -> list[torch.Tensor]:
     """Decode on the GPU (nvjpeg) and resize to ``size`` (W, H) with antialiased bicubic;
-    (3, H, W) uint8 CUDA tensors."""
+    (3, H, W) uint8 CUDA tensors. ``expect``: each file's (W, H) from its table, checked."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     for path in paths:
@@ -157,6 +174,8 @@ def load_images_cuda(
         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as exc:
         raise DatasetError(f"corrupt image ({exc}) in frame {frame}: {paths}") from None
+    for path, img, expected in zip(paths, images, expect or [None] * len(paths), strict=True):
+        check_image_size((img.shape[2], img.shape[1]), expected, path, frame)
     w, h = size
     out = []
     for img in images:  # (3, H0, W0) uint8
@@ -187,6 +206,7 @@ def _decode(
     cfg: TeacherConfig,
     tokens: np.ndarray,
     paths: np.ndarray,
+    sizes: np.ndarray,
     f0: int,
     skip_bad: bool,
     threads: int,
@@ -200,11 +220,12 @@ def _decode(
     for i in range(len(paths)):
         present = [j for j in range(paths.shape[1]) if paths[i, j]]
         files = [str(paths[i, j]) for j in present]
+        expect = [(int(sizes[i, j, 0]), int(sizes[i, j, 1])) for j in present]
         try:
             if on_gpu:
-                images = load_images_cuda(files, cfg.image_size, str(tokens[i]), device)
+                images = load_images_cuda(files, cfg.image_size, str(tokens[i]), device, expect)
             else:
-                images = load_images(files, cfg.image_size, str(tokens[i]), threads)
+                images = load_images(files, cfg.image_size, str(tokens[i]), threads, expect)
             maps = (
                 load_class_maps(files, cfg.image_size, str(tokens[i]))
                 if cfg.teacher == ORACLE_ID
@@ -281,11 +302,12 @@ def extract_shard(
     teacher, info, device = _teacher(cfg)
     root = zarr.open_group(cfg.store, mode="r")
     tokens = np.asarray(root["index/token"][f0:f1])
-    paths = np.asarray(root["index/image_path"][f0:f1])  # (n, V)
+    paths = _image_paths(root, f0, f1)  # (n, V)
     width, height = cfg.image_size
     n, v = paths.shape
     k, h, w, dim = len(teacher.blocks), height // PATCH, width // PATCH, info.dim
-    decoded = _decode(cfg, tokens, paths, f0, skip_bad, threads, device)
+    sizes = np.asarray(root["index/image_size"][f0:f1])  # (n, V, 2) width, height
+    decoded = _decode(cfg, tokens, paths, sizes, f0, skip_bad, threads, device)
     feats = np.zeros((n, v, k, h, w, dim), dtype=np.float32)  # skipped frames stay zero
     cls = np.zeros((n, v, k, dim), dtype=np.float32)
     for (i, j), (p, c) in zip(decoded.where, _forward(cfg, teacher, device, decoded), strict=True):
@@ -414,12 +436,19 @@ def codec_fidelity(shard_stats: dict[str, dict[str, list[float]]]) -> dict[str, 
     return fidelity
 
 
+def _image_paths(root: zarr.Group, f0: int, f1: int) -> np.ndarray:
+    """(n, V) the camera images of frames [f0, f1), as paths ("" = no image)."""
+    base = str(root["index"].attrs["dataset_root"])
+    stored = np.asarray(root["index/image_path"][f0:f1])
+    return np.vectorize(lambda p: dataset_file(base, str(p)), otypes=[object])(stored)
+
+
 def _require_class_maps(root: zarr.Group) -> None:
     """The oracle needs the synthetic world's class maps: refuse other datasets up front,
     naming the first image without one."""
     from hilda.datasets.io import class_map_path
 
-    paths = np.asarray(root["index/image_path"][:1]).ravel()
+    paths = _image_paths(root, 0, 1).ravel()
     first = next((str(p) for p in paths if p), None)
     if first is not None and not os.path.isfile(class_map_path(first)):
         raise ConfigError(
