@@ -130,3 +130,6 @@ def test_a_finetune_killed_with_sigkill_resumes_to_the_same_result(
     assert b["loss_curve"] == a["loss_curve"]  # deterministic mode: bit for bit
     assert b["confusion"] == a["confusion"] and b["miou"] == a["miou"]
     assert not partial.exists()
+    # The metrics log was cut back to the resume point and continued: the same lines.
+    lines = [(tmp_path / f"{n}.metrics.jsonl").read_text() for n in ("whole", "resumed")]
+    assert lines[0] == lines[1] and len(lines[0].splitlines()) == 6

@@ -159,8 +159,12 @@ def test_table_runs_resumes_and_refuses_another_config(
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         ["table.json", "table.md"]
-        + [f"{n}{r}.json" for n in ("linear-probe", "finetune-50pct") for r in ("", ".random-init")]
-        + [f"semantickitti.finetune-1pct{r}.json" for r in ("", ".random-init")]
+        + [
+            f"{n}{r}{ext}"
+            for n in ("linear-probe", "finetune-50pct", "semantickitti.finetune-1pct")
+            for r in ("", ".random-init")
+            for ext in (".json", ".metrics.jsonl")  # the result and its metrics log
+        ]
     )
     rows = table["rows"]
     filled = {init: {c for c, v in row.items() if v is not None} for init, row in rows.items()}

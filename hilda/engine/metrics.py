@@ -1,5 +1,7 @@
-"""The metrics log of a run: ``metrics.jsonl`` and TensorBoard, written by the main process,
-cut back to the resume point when a run continues."""
+"""The metrics log of a run: JSON lines (one per logged step) and TensorBoard, written by the
+main process, cut back to the resume point when a run continues. Pre-training writes
+``OUT/metrics.jsonl`` and ``OUT/tb/``; an evaluation run ``<result>.metrics.jsonl`` (and
+``<result>.tb/`` with ``tensorboard=true``)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ from rich.console import Console
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on the main process."""
+    """JSON lines at ``path`` (+ TensorBoard in ``tensorboard``, a folder) on the main
+    process; ``resume_step`` < 0 starts afresh, else lines past it are dropped."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
-        self.path = out / "metrics.jsonl"
+    def __init__(
+        self, path: Path, enabled: bool, tensorboard: Path | None, resume_step: int
+    ) -> None:
+        self.path = path
         self.enabled = enabled
         self.writer = None
         if not enabled:
@@ -26,14 +31,15 @@ class MetricsLog:
             ]
             self.path.write_text("".join(f"{line}\n" for line in keep))
         elif resume_step < 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
-        if tensorboard:
+        if tensorboard is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is a dependency; a broken install only loses TB
                 Console(stderr=True).print("[yellow]tensorboard unavailable: metrics.jsonl only")
             else:
-                self.writer = SummaryWriter(str(out / "tb"), purge_step=max(resume_step, 0) + 1)
+                self.writer = SummaryWriter(str(tensorboard), purge_step=max(resume_step, 0) + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

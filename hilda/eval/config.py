@@ -130,7 +130,10 @@ class SegConfig:
     # One thread and deterministic kernels: a run equals the next, bit for bit (tests; slower).
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 10  # steps
+    log_every: int = 10  # steps (the loss curve, <result>.metrics.jsonl)
+    # TensorBoard of the run in <result>.tb/ (off by default: a table would write one per
+    # entry; on to watch a long fine-tune).
+    tensorboard: bool = False
     # Steps between checkpoints of a run in progress (<result>.partial.pt; 0: none). Rerunning
     # the same command resumes from the last one; the finished result removes it.
     checkpoint_every: int = 500
@@ -149,7 +152,7 @@ class SegConfig:
 
 # Keys that change how a run goes, not what it measures: a result or a partial run is reused
 # (hilda-eval table, resume) whatever they were.
-OPERATIONAL_KEYS = ("data.num_workers", "device", "log_every", "checkpoint_every")
+OPERATIONAL_KEYS = ("data.num_workers", "device", "log_every", "checkpoint_every", "tensorboard")
 
 
 def protocol(config: dict) -> dict:

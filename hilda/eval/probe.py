@@ -36,6 +36,7 @@ from hilda.engine.distributed import (
     reduce_mean,
 )
 from hilda.engine.fit import Fit, check_finite
+from hilda.engine.metrics import MetricsLog
 from hilda.engine.optim import steps_per_epoch, total_steps
 from hilda.engine.sampler import ResumableSampler
 from hilda.errors import ConfigError
@@ -194,11 +195,12 @@ def run_fit(
     console: Console,
     curve: list[tuple[int, float]] | None = None,
     save: Callable[[list[tuple[int, float]]], None] | None = None,
+    log: MetricsLog | None = None,
 ) -> list[tuple[int, float]]:
     """The engine's steps from ``fit``'s position to its last over ``epoch_batches(epoch,
     batches done)``; returns the loss curve (every ``log_every`` steps, continuing
-    ``curve``), shows progress, and hands the curve to ``save`` every ``checkpoint_every``
-    steps and after the last."""
+    ``curve``, also written to ``log``), shows progress, and hands the curve to ``save``
+    every ``checkpoint_every`` steps and after the last."""
     curve = list(curve or [])
     progress = Progress(
         TextColumn(f"[bold]{cfg.mode}[/]"),
@@ -222,6 +224,8 @@ def run_fit(
                 step = fit.step
                 if step % cfg.log_every == 0 or fit.done:
                     curve.append((step, value))
+                    if log is not None:
+                        log.write({"step": step, "epoch": epoch, "lr": fit.lr, "loss": value})
                     if not console.is_terminal and fit.world.main:
                         console.print(
                             f"{cfg.mode} step {step}/{fit.total} epoch {epoch} loss {value:.4f}"
@@ -317,7 +321,15 @@ def _train(
         if world.main:
             partial.save(fit, curve)
 
-    return run_fit(fit, epoch_batches, loss_of, cfg, console, curve, save)
+    stem = partial.path.with_name(partial.path.name.removesuffix(".partial.pt"))
+    tb = stem.with_name(f"{stem.name}.tb") if cfg.tensorboard else None
+    log = MetricsLog(
+        stem.with_name(f"{stem.name}.metrics.jsonl"), world.main, tb, fit.step if fit.step else -1
+    )
+    try:
+        return run_fit(fit, epoch_batches, loss_of, cfg, console, curve, save, log)
+    finally:
+        log.close()
 
 
 def split_record(cfg: SegConfig, train: Split, val: Split) -> dict:

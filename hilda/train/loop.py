@@ -136,7 +136,8 @@ def _train(
         run.load(blob)
     if world.main:
         _write_run_info(cfg, out, info, samples, world, run, console, resumed=blob is not None)
-    log = MetricsLog(out, world.main, cfg.run.tensorboard, run.step if blob else -1)
+    tb = out / "tb" if cfg.run.tensorboard else None
+    log = MetricsLog(out / "metrics.jsonl", world.main, tb, run.step if blob else -1)
     dataset = CacheDataset(cfg, info, samples)
     sampler = ResumableSampler(dataset, num_replicas=world.size, rank=world.rank, seed=cfg.run.seed)
     try:
