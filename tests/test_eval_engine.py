@@ -133,3 +133,22 @@ def test_a_finetune_killed_with_sigkill_resumes_to_the_same_result(
     # The metrics log was cut back to the resume point and continued: the same lines.
     lines = [(tmp_path / f"{n}.metrics.jsonl").read_text() for n in ("whole", "resumed")]
     assert lines[0] == lines[1] and len(lines[0].splitlines()) == 6
+
+
+def test_the_table_runs_under_torchrun(backbone: Path, world: Path, tmp_path: Path) -> None:
+    """Every entry trains data-parallel; the processes agree on what is done (a barrier after
+    each result) and the first one writes the table."""
+    out = tmp_path / "table"
+    torchrun = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python"]
+    args = ["table", "--backbone", str(backbone), "--nuscenes-root", str(world)]
+    args += ["--nuscenes-version", "v1.0-mini", "--fractions", "0.5", "--out", str(out)]
+    args += ["--semantickitti-fractions", ""]
+    for s in ("optim.max_steps=2", "optim.batch_size=2", "device=cpu", "data.num_workers=0"):
+        args += ["--set", s]
+    res = run([*torchrun, str(VENV_BIN / "hilda-eval"), *args])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = json.loads((out / "table.json").read_text())
+    assert set(table["rows"]["pretrained"]) == {"nuScenes LP", "nuScenes 50%"}
+    for name in ("linear-probe.json", "finetune-50pct.json"):
+        assert json.loads((out / name).read_text())["processes"] == 2
+    assert res.stdout.count("table ->") == 1  # one process reports

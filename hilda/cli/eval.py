@@ -109,9 +109,9 @@ def _run_seg(cfg, backbone: Path, init: str, out: Path | None) -> None:
         raise typer.BadParameter(f"--init must be pretrained or random, got {init!r}")
     from hilda.engine.distributed import close_process_group, main_process
 
+    console = Console(quiet=not main_process())  # torchrun: the first process reports
     try:
-        result = run_segmentation(cfg, backbone, init, out=out, console=Console())
-        console = Console(quiet=not main_process())  # torchrun: the first process reports
+        result = run_segmentation(cfg, backbone, init, out=out, console=console)
         console.print(result_table([result]))
         console.print(f"mIoU {100 * result['miou']:.2f} -> {result['path']}")
     finally:
@@ -285,9 +285,9 @@ def table_cmd(
     folder = out or backbone.with_name(f"{backbone.stem}.table")
     from hilda.engine.distributed import close_process_group, main_process
 
+    console = Console(quiet=not main_process())  # torchrun: the first process reports
     try:
-        table = run_table(spec, folder, Console())
-        console = Console(quiet=not main_process())  # torchrun: the first process reports
+        table = run_table(spec, folder, console)
         console.print(rich_table(table))
         console.print(f"table -> {folder / 'table.md'} and {table['path']}")
     finally:

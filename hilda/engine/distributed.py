@@ -73,8 +73,11 @@ def shutdown(world: World) -> None:
 
 
 def main_process() -> bool:
-    """Whether this process writes shared outputs: rank 0, or the only process."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """Whether this process writes shared outputs: rank 0, or the only process (before the
+    process group is joined, torchrun's ``RANK`` says)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def barrier() -> None:
