@@ -1,7 +1,8 @@
-"""Bytes per frame of the teacher group vs fidelity, per storage codec, for ViT-S and ViT-B
-at 224x448 with last2 and last4. Prints a table; not a test.
+"""Bytes per frame of the teacher group vs fidelity, per storage codec, for DINOv2 ViT-S/14 and
+ViT-B/14 (16x32 patches at 224x448) and DINOv3 ViT-S/16 and ViT-B/16 (14x28 patches) with last2
+and last4. Prints a table; not a test.
 
-Features come from randomly initialised DINOv2 models (no weights can be downloaded here)
+Features come from randomly initialised models (no weights can be downloaded here)
 run on the synthetic world's six camera images, and from the same features with planted
 outliers (three channels x60, two tokens x40 per image) standing in for a trained DINOv2's
 huge channels and high-norm tokens. Bytes are what zarr stores (compressed) for one frame.
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument(
         "--images", default="out/demo/nuscenes/samples", help="folder of CAM_* folders"
     )
+    parser.add_argument(
+        "--archs", default="vits14,vitb14,dinov3_vits16,dinov3_vitb16", help="teacher sizes"
+    )
     args = parser.parse_args()
     paths = [
         sorted(glob.glob(f"{args.images}/CAM_{c}/*.jpg"))[0]
@@ -59,8 +63,8 @@ def main() -> None:
     images = preprocess(load_images(paths, (448, 224), "bench"))
     torch.set_num_threads(2)
     header = ("teacher", "layers", "features", "codec", "KiB/frame", "mean cos", "min cos")
-    print("{:8} {:6} {:9} {:9} {:>10} {:>10} {:>10}".format(*header))
-    for arch in ("vits14", "vitb14"):
+    print("{:14} {:6} {:9} {:9} {:>10} {:>10} {:>10}".format(*header))
+    for arch in args.archs.split(","):
         model, info = build_teacher(f"random:{arch}")
         for layers in ("last2", "last4"):
             blocks = parse_layers(layers, info.depth)
@@ -78,7 +82,7 @@ def main() -> None:
                         cos_all.append(codecs.token_cosines(x, codecs.decode(values, scales)))
                     cos = np.concatenate(cos_all)
                     print(
-                        f"{arch:8} {layers:6} {kind:9} {codec:9} {total / 1024:10.1f} "
+                        f"{arch:14} {layers:6} {kind:9} {codec:9} {total / 1024:10.1f} "
                         f"{cos.mean():10.6f} {cos.min():10.6f}"
                     )
 

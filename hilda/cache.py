@@ -23,10 +23,16 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from hilda.data_schemas.store import SCHEMA, SCHEMA_VERSION, dataset_file, normalize_store
+from hilda.data_schemas.store import (
+    PATH_ARRAYS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    dataset_file,
+    normalize_store,
+)
 from hilda.data_schemas.validate import validate_store
 from hilda.errors import HildaError
-from hilda.models.teacher import SIZES
+from hilda.models.teacher import SIZES, family_of
 from hilda.pipeline.ops import codecs
 from hilda.pipeline.ops.occupancy import unpack
 
@@ -56,6 +62,8 @@ class TeacherGroup:
     int8: bool  # stored with the int8 codec (decoded on read)
     registers: int
     pos_embed_interpolation: str
+    family: str = "dinov2"  # dinov2 | dinov3 | oracle (caches before DINOv3: dinov2)
+    patch_size: int = 14
 
     def cls_index(self, block: int) -> int:
         """Index of ``block``'s CLS token in ``cls`` (F, V, K, D)."""
@@ -185,6 +193,8 @@ class CacheReader:
             int8=t.get("storage_dtype") == "int8",
             registers=int(t.get("registers", 0) or 0),
             pos_embed_interpolation=str(t.get("pos_embed_interpolation", "")),
+            family=str(t.get("family", family_of(arch_name))),
+            patch_size=int(t.get("patch_size", 14)),
         )
 
     # -- small per-frame arrays ---------------------------------------------------------------
@@ -231,9 +241,15 @@ class CacheReader:
         return set().union(*(self.skipped(g) for g in groups))
 
     def index(self) -> dict[str, np.ndarray]:
-        """Every ``index/`` array, whole (calibration and poses of every frame)."""
+        """Every ``index/`` array, whole (calibration and poses of every frame); the file path
+        arrays as paths (joined to the dataset root they are stored relative to)."""
         group = self.root["index"]
-        return {k: np.asarray(group[k][:]) for k in group.array_keys()}
+        out = {k: np.asarray(group[k][:]) for k in group.array_keys()}
+        resolve = np.vectorize(lambda p: dataset_file(self.dataset_root, str(p)), otypes=[object])
+        for name in PATH_ARRAYS:
+            if name in out and out[name].size:
+                out[name] = resolve(out[name])
+        return out
 
     def token(self, f: int) -> str:
         return str(self._array("index/token")[f])

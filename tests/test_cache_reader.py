@@ -102,11 +102,20 @@ def test_int8_teacher_is_decoded(train_store: str, tmp_path: Path) -> None:
 
 def test_teacher_selection(train_store: str) -> None:
     reader = CacheReader(train_store)
-    assert reader.teacher_names() == ["vitb", "vitl", "vits"]
+    assert reader.teacher_names() == [
+        "dinov3_vitb16",
+        "dinov3_vitl16",
+        "dinov3_vits16",
+        "vitb",
+        "vitl",
+        "vits",
+    ]
     assert reader.teacher(arch="vitl14").name == "vitl"
     with pytest.raises(CacheMismatchError, match="several teachers"):
         reader.teacher()
-    with pytest.raises(CacheMismatchError, match=r"no teacher/nope/ \(present: vitb, vitl, vits\)"):
+    with pytest.raises(
+        CacheMismatchError, match=r"no teacher/nope/ \(present: dinov3_vitb16, .*, vits\)"
+    ):
         reader.teacher("nope")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
+from hilda.cache import CacheReader
 from hilda.datasets.io import class_map_path, read_class_map
 from hilda.datasets.synthetic.generate import SyntheticConfig
 from hilda.errors import ConfigError, HildaError
@@ -60,8 +61,7 @@ def test_stage_writes_the_majority_class_embedding(nusc_cfg: SyntheticConfig, tm
     group = zarr.open_group(store, mode="r")["teacher/oracle"]
     assert group.attrs["arch"] == "oracle" and group.attrs["depth"] == 12
     assert group.attrs["blocks"] == [10, 11] and group.attrs["random_init"] is False
-    root = zarr.open_group(store, mode="r")
-    path = str(root["index/image_path"][0, 0])
+    path = CacheReader(store).image_path(0, 0)
     expect = majority_class(load_class_maps([path], (112, 56), "frame 0")[0])  # (4, 8)
     stored = np.asarray(group["layer_11"][0, 0], np.float32)  # (4, 8, 384) float16 as stored
     embed = OracleTeacher(OracleSpec(), [11]).embed[0]  # (256, 384) unit rows
@@ -79,7 +79,7 @@ def test_missing_class_map_names_the_file(nusc_cfg: SyntheticConfig, tmp_path: P
     world = _world_copy(nusc_cfg.out, tmp_path / "world")
     store = str(tmp_path / "cache.zarr")
     build_cache(world, store, stages=("index", "pointmaps"))
-    paths = np.asarray(zarr.open_group(store, mode="r")["index/image_path"][:])
+    paths = CacheReader(store).index()["image_path"]
     gone = class_map_path(str(paths[1, 2]))
     Path(gone).unlink()
     with pytest.raises(HildaError, match="no per-pixel class map.*" + re.escape(Path(gone).name)):

@@ -14,12 +14,17 @@ from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
 from hilda.presets import preset_root
 
 CONFIGS = preset_root()
-IMAGE = (112, 56)
-# Every ablation's teacher blocks (last4 covers Table 8), and a ViT-B / ViT-L for their presets.
+IMAGE = (112, 56)  # DINOv2: 8 x 4 patches of 14
+IMAGE_16 = (128, 64)  # DINOv3: 8 x 4 patches of 16
+# Every ablation's teacher blocks (last4 covers Table 8), a ViT-B / ViT-L for their presets,
+# and the DINOv3 presets' teachers (named after their arch, as the presets' comments say).
 TEACHERS = (
-    ("vits", "random:vits14", "last4"),
-    ("vitb", "random:vitb14", "last2"),
-    ("vitl", "random:vitl14", "last2"),
+    ("vits", "random:vits14", "last4", IMAGE),
+    ("vitb", "random:vitb14", "last2", IMAGE),
+    ("vitl", "random:vitl14", "last2", IMAGE),
+    ("dinov3_vits16", "random:dinov3_vits16", "last2", IMAGE_16),
+    ("dinov3_vitb16", "random:dinov3_vitb16", "last2", IMAGE_16),
+    ("dinov3_vitl16", "random:dinov3_vitl16", "last2", IMAGE_16),
 )
 
 # The presets' losses, heads and data path at a size that runs in about a second a step on
@@ -59,8 +64,8 @@ def build_train_cache(dataset_root: Path, store: str) -> None:
     )
     run_pointmaps(PointmapConfig(store=store), opts)
     run_occupancy(OccupancyStageConfig(store=store, occupancy=OccupancyConfig(grid=256)), opts)
-    for name, teacher, layers in TEACHERS:
+    for name, teacher, layers, image in TEACHERS:
         cfg = TeacherConfig(
-            store=store, teacher=teacher, layers=layers, image_size=IMAGE, name=name
+            store=store, teacher=teacher, layers=layers, image_size=image, name=name
         )
         run_teacher(cfg, opts)

@@ -181,6 +181,10 @@ OCCUPANCY = GroupSpec(
 STAGE_GROUPS: tuple[GroupSpec, ...] = (INDEX, POINTS, POINTMAPS, OCCUPANCY)
 
 
+# The index arrays that name dataset files (relative to its ``dataset_root``).
+PATH_ARRAYS = ("lidar_path", "labels_path", "image_path")
+
+
 def relative_to_root(dataset_root: str, path: str) -> str:
     """A dataset file's path as the index stores it: relative to the dataset root it records,
     so a store stays readable when the dataset moves with its root ("" stays "")."""

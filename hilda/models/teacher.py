@@ -1,13 +1,21 @@
-"""The frozen DINOv2 teacher through ``transformers``: loading, multi-layer patch features and
-CLS tokens.
+"""The frozen camera teachers through ``transformers``: loading, multi-layer patch features and
+CLS tokens. Two families, behind one interface (``build_teacher`` -> a model and its
+``TeacherInfo``; ``MultiLayerTeacher``; ``preprocess``): DINOv2 (patch 14, learned position
+embeddings) and DINOv3 (patch 16, RoPE, 4 storage tokens; ``hilda.models.dinov3``). The
+pipeline, the cache and the trainer read the family, patch size and grid from ``TeacherInfo``
+and the cache attributes and know nothing else family-specific.
 
 Sources (``build_teacher``):
-- ``random:vits14`` / ``random:vitb14`` / ... (``_reg`` suffix for 4 registers): a randomly
-  initialised model of that size (seeded), for tests and the demo;
-- an official facebookresearch checkpoint ``dinov2_vit*14*_pretrain.pth`` (keys converted);
-- a local directory saved by ``save_pretrained``;
-- a Hugging Face id (``facebook/dinov2-base``), when cached or online.
+- ``random:vits14`` / ``random:vitb14`` / ... (``_reg`` suffix for 4 registers) and
+  ``random:dinov3_vits16`` / ``..._vits16plus`` / ``_vitb16`` / ``_vitl16`` / ``_vith16plus``:
+  a randomly initialised model of that size (seeded), for tests and the demo;
+- an official facebookresearch checkpoint, ``dinov2_vit*14*_pretrain.pth`` or
+  ``dinov3_vit*16*_pretrain_lvd1689m-*.pth`` (keys converted);
+- a local directory saved by ``save_pretrained`` (either family);
+- a Hugging Face id (``facebook/dinov2-base``, ``facebook/dinov3-vitb16-pretrain-lvd1689m``),
+  when cached or online.
 
+DINOv2:
 The features equal the official implementation's (facebookresearch/dinov2,
 ``DinoVisionTransformer.get_intermediate_layers(norm=True)``), not transformers' own: the
 output of each selected block with the final LayerNorm applied (``norm=False`` keeps the raw
@@ -69,7 +77,35 @@ class TeacherInfo:
     registers: int
     weights_hash: str
     random_init: bool
-    pos_embed_interpolation: str  # how position embeddings are resized (PosInterpolation)
+    pos_embed_interpolation: str  # how positions are encoded at the image size
+    family: str = "dinov2"  # dinov2 | dinov3 | oracle
+    patch_size: int = PATCH
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The family's input normalisation (both families' LVD models: ImageNet's)."""
+        return IMAGENET_MEAN, IMAGENET_STD
+
+
+DINOV3_ROPE = (
+    "none: RoPE (official DINOv3: patch centres normalised per axis to [-1, 1], base 100, no "
+    "coordinate augmentation at inference)"
+)
+
+
+FAMILY_LABELS = {"dinov2": "DINOv2", "dinov3": "DINOv3", "oracle": "oracle"}
+
+
+def family_of(arch: str) -> str:
+    """The teacher family of a stored ``arch`` name."""
+    if arch.startswith("dinov3_"):
+        return "dinov3"
+    return "oracle" if arch == "oracle" else "dinov2"
+
+
+def example_source(arch: str) -> str:
+    """A teacher source of ``arch`` for messages (the randomly initialised one)."""
+    return f"random:{arch}"
 
 
 def _config(arch: str, registers: int):
@@ -302,8 +338,76 @@ def _arch_of(state: dict[str, torch.Tensor], path: str) -> tuple[str, int]:
     raise ConfigError(f"{path}: a DINOv2 checkpoint of width {dim} matches no ViT-S/B/L/g size")
 
 
+def _dinov3_source(source: str) -> bool:
+    return source.startswith("random:dinov3_")
+
+
+def _build_dinov3(
+    source: str, state: dict[str, torch.Tensor] | None
+) -> tuple[nn.Module, TeacherInfo]:
+    """A DINOv3 teacher from ``random:dinov3_*`` or an official checkpoint's ``state``."""
+    from hilda.models import dinov3
+
+    random_init = source.startswith("random:")
+    if random_init:
+        arch = source.split(":", 1)[1]
+        if arch not in dinov3.SIZES:
+            raise ConfigError(
+                f"unknown teacher size {arch!r} in {source!r}; use one of {sorted(dinov3.SIZES)}"
+            )
+        torch.manual_seed(0)  # the same random teacher everywhere
+        model = dinov3.build(arch)
+    else:
+        assert state is not None
+        arch = dinov3.arch_of(state, source)
+        model = dinov3.build(arch)
+        model.load_state_dict(dinov3.official_to_hf(state, model, source), strict=True)
+    return model, _info(model, source, arch, random_init, "dinov3", DINOV3_ROPE)
+
+
+def _read_state(source: str) -> dict[str, torch.Tensor]:
+    """An official checkpoint's state dict (either family), or a clear error naming it."""
+    if not os.path.isfile(source):
+        raise ConfigError(f"teacher checkpoint {source} does not exist")
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or refused by weights_only
+        raise ConfigError(
+            f"teacher checkpoint {source} cannot be read as an official DINOv2/DINOv3 "
+            f"state dict: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"teacher checkpoint {source} holds no state dict")
+    return state
+
+
+def _info(
+    model: nn.Module, source: str, arch: str, random_init: bool, family: str, positions: str
+) -> TeacherInfo:
+    model.eval().requires_grad_(False)
+    config = model.config
+    return TeacherInfo(
+        model_id=source,
+        arch=arch,
+        dim=int(config.hidden_size),
+        depth=int(config.num_hidden_layers),
+        registers=int(getattr(config, "num_register_tokens", 0) or 0),
+        weights_hash=weights_hash(model),
+        random_init=random_init,
+        pos_embed_interpolation=positions,
+        family=family,
+        patch_size=int(config.patch_size),
+    )
+
+
 def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
     """Load the teacher named by ``source`` (see module doc); eval mode, gradients off."""
+    from hilda.models import dinov3
+
+    state = _read_state(source) if source.endswith((".pth", ".pt")) else None
+    if _dinov3_source(source) or (state is not None and dinov3.is_official_state(state)):
+        return _build_dinov3(source, state)
     random_init = source.startswith("random:")
     if random_init:
         arch = source.split(":", 1)[1]
@@ -315,19 +419,7 @@ def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
             )
         torch.manual_seed(0)  # the same random teacher everywhere
         model = _model_from_config(_config(arch, registers))
-    elif source.endswith((".pth", ".pt")):
-        if not os.path.isfile(source):
-            raise ConfigError(f"teacher checkpoint {source} does not exist")
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated, not a torch file, or refused by weights_only
-            raise ConfigError(
-                f"teacher checkpoint {source} cannot be read as an official DINOv2 "
-                f"state dict: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from None
-        state = state.get("model", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict):
-            raise ConfigError(f"teacher checkpoint {source} holds no state dict")
+    elif state is not None:
         arch, registers = _arch_of(state, source)
         model = _model_from_config(_config(arch, registers))
         model.load_state_dict(official_to_hf(state, model), strict=True)
@@ -342,23 +434,31 @@ def build_teacher(source: str) -> tuple[nn.Module, TeacherInfo]:
                 f"cannot load teacher {source!r}: {exc}. Without network access pass a local "
                 "directory, an official dinov2_*_pretrain.pth file, or random:vits14"
             ) from None
+        if getattr(model.config, "model_type", "") == "dinov3_vit":
+            return _hf_dinov3(model, source)
         dim = model.config.hidden_size
         arch = next((n for n, s in SIZES.items() if s.dim == dim), f"vit-{dim}")
-        registers = int(getattr(model.config, "num_register_tokens", 0))
     model.eval().requires_grad_(False)
     how = use_official_pos_interpolation(model)
-    config = model.config
-    info = TeacherInfo(
-        model_id=source,
-        arch=arch,
-        dim=int(config.hidden_size),
-        depth=int(config.num_hidden_layers),
-        registers=registers,
-        weights_hash=weights_hash(model),
-        random_init=random_init,
-        pos_embed_interpolation=how.describe(),
+    return model, _info(model, source, arch, random_init, "dinov2", how.describe())
+
+
+def _hf_dinov3(model: nn.Module, source: str) -> tuple[nn.Module, TeacherInfo]:
+    """A DINOv3 model loaded by transformers (a folder or a hub id): its size by shape."""
+    from hilda.models import dinov3
+
+    c = model.config
+    if c.use_gated_mlp and c.hidden_act != "silu":
+        raise ConfigError(
+            f"teacher {source}: a SwiGLU DINOv3 whose config gates with {c.hidden_act!r}; the "
+            "official model gates with SiLU (set hidden_act to silu in its config.json)"
+        )
+    shape = (int(c.hidden_size), int(c.num_hidden_layers), bool(c.use_gated_mlp))
+    arch = next(
+        (n for n, s in dinov3.SIZES.items() if (s.dim, s.depth, s.swiglu) == shape),
+        f"dinov3_vit-{c.hidden_size}",
     )
-    return model, info
+    return model, _info(model, source, arch, False, "dinov3", DINOV3_ROPE)
 
 
 def parse_layers(spec: str, depth: int) -> list[int]:
@@ -384,28 +484,34 @@ def parse_layers(spec: str, depth: int) -> list[int]:
 
 
 class MultiLayerTeacher(nn.Module):
-    """Patch-grid features and CLS tokens of selected blocks of a DINOv2 model."""
+    """Patch-grid features and CLS tokens of selected blocks of a DINOv2 or DINOv3 model: the
+    official ``get_intermediate_layers(n=blocks, reshape=True, return_class_token=True,
+    norm=norm)``."""
 
     def __init__(self, model: nn.Module, blocks: list[int], norm: bool = True) -> None:
         super().__init__()
         self.model = model
         self.blocks = blocks
         self.norm = norm
-        self.skip = 1 + int(getattr(model.config, "num_register_tokens", 0))  # CLS (+ registers)
+        self.patch = int(model.config.patch_size)
+        # CLS, then the registers (DINOv2) or storage tokens (DINOv3), then the patches.
+        self.skip = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+        # The final norm: ``layernorm`` in transformers' DINOv2, ``norm`` in its DINOv3.
+        self.final_norm = model.layernorm if hasattr(model, "layernorm") else model.norm
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W), H and W multiples of 14 ->
+        """images (B, 3, H, W), H and W multiples of the patch size ->
         patches (B, K, h, w, D) and cls (B, K, D)."""
         b, _, height, width = images.shape
-        if height % PATCH or width % PATCH:
-            raise ConfigError(f"image size {width}x{height} must be a multiple of {PATCH}")
+        if height % self.patch or width % self.patch:
+            raise ConfigError(f"image size {width}x{height} must be a multiple of {self.patch}")
         out = self.model(pixel_values=images, output_hidden_states=True)
         # hidden_states[0] is the embedding output; block i's output is hidden_states[i + 1].
         tokens = torch.stack([out.hidden_states[i + 1] for i in self.blocks], dim=1)  # (B, K, N, D)
         if self.norm:
-            tokens = self.model.layernorm(tokens)
-        h, w = height // PATCH, width // PATCH
+            tokens = self.final_norm(tokens)
+        h, w = height // self.patch, width // self.patch
         patches = tokens[:, :, self.skip :].reshape(b, len(self.blocks), h, w, -1)
         return patches, tokens[:, :, 0]
 

@@ -26,6 +26,7 @@ from hilda.cache import (
 from hilda.engine import augment
 from hilda.engine.sampler import sample_seed
 from hilda.errors import ConfigError, HildaError
+from hilda.models.teacher import FAMILY_LABELS, example_source, family_of
 from hilda.pipeline.ops.occupancy import ego_compensate
 from hilda.train.config import TrainConfig
 
@@ -85,12 +86,19 @@ def _check_teacher(reader: CacheReader, cfg: TrainConfig) -> dict:
     store, arch = reader.store, cfg.data.teacher_arch
     t = reader.teacher(cfg.data.teacher, arch)
     if arch is not None and t.arch != arch:
+        want, have = FAMILY_LABELS[family_of(arch)], FAMILY_LABELS.get(t.family, t.family)
         raise CacheMismatchError(
-            f"{store}: teacher/{t.name}/ holds {t.model_id} ({t.arch}), the config distils "
-            f"a {arch} teacher: run `hilda-prep extract-teacher --store {store} "
-            f"--teacher <a {arch} DINOv2> --layers lastK` or pick the preset of that teacher"
+            f"{store}: teacher/{t.name}/ holds {t.model_id} (a {have} {t.arch}, patch "
+            f"{t.patch_size}), the config distils a {want} {arch} teacher: run `hilda-prep "
+            f"extract-teacher --store {store} --teacher <a {want} {arch}, e.g. "
+            f"{example_source(arch)}> --layers lastK --name {arch}` or pick the preset of that "
+            "teacher"
         )
-    if t.pos_embed_interpolation.startswith("transformers") and not t.registers:
+    if (
+        t.family == "dinov2"
+        and t.pos_embed_interpolation.startswith("transformers")
+        and not t.registers
+    ):
         raise CacheMismatchError(
             f"{store}: teacher/{t.name}/ was extracted with transformers' position-embedding "
             "resizing, which differs from the official DINOv2 features (hilda now reproduces "

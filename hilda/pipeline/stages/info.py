@@ -13,11 +13,13 @@ from hilda.data_schemas.validate import validate_store
 # Teacher-group attrs that say which features a cache holds (printed by `hilda-prep info`).
 TEACHER_SUMMARY_KEYS = (
     "model_id",
+    "family",
+    "patch_size",
+    "grid",
     "random_init",
     "weights_hash",
     "blocks",
     "image_size",
-    "grid",
     "dim",
     "norm",
     "codec",

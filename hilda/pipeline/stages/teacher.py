@@ -25,8 +25,9 @@ from hilda.datasets.io import (
 )
 from hilda.errors import ConfigError
 from hilda.models.oracle import ORACLE_ID, OracleSpec, OracleTeacher
+from hilda.models.oracle import PATCH as ORACLE_PATCH
 from hilda.models.teacher import (
-    PATCH,
+    FAMILY_LABELS,
     MultiLayerTeacher,
     TeacherInfo,
     build_teacher,
@@ -52,7 +53,8 @@ class TeacherConfig:
     store: str
     teacher: str = "random:vits14"
     layers: str = "last2"
-    image_size: tuple[int, int] = (448, 224)  # (width, height), multiples of 14
+    # (width, height), multiples of the patch size: 14 (DINOv2) or 16 (DINOv3); 448x224 is both
+    image_size: tuple[int, int] = (448, 224)
     norm: bool = True
     codec: str = "float16"
     batch_size: int = 6
@@ -74,7 +76,8 @@ _CACHE: dict[tuple, tuple[Teacher, TeacherInfo, torch.device]] = {}
 
 
 def teacher_info(source: str) -> TeacherInfo:
-    """What the store records about the teacher ``source`` (a DINOv2 source or ``oracle``)."""
+    """What the store records about the teacher ``source`` (a DINOv2 / DINOv3 source or
+    ``oracle``)."""
     if source == ORACLE_ID:
         spec = OracleSpec()
         return TeacherInfo(
@@ -86,6 +89,8 @@ def teacher_info(source: str) -> TeacherInfo:
             weights_hash=spec.weights_hash(),
             random_init=False,
             pos_embed_interpolation="none (no position embeddings)",
+            family="oracle",
+            patch_size=ORACLE_PATCH,
         )
     return build_teacher(source)[1]
 
@@ -305,7 +310,8 @@ def extract_shard(
     paths = _image_paths(root, f0, f1)  # (n, V)
     width, height = cfg.image_size
     n, v = paths.shape
-    k, h, w, dim = len(teacher.blocks), height // PATCH, width // PATCH, info.dim
+    p = info.patch_size
+    k, h, w, dim = len(teacher.blocks), height // p, width // p, info.dim
     sizes = np.asarray(root["index/image_size"][f0:f1])  # (n, V, 2) width, height
     decoded = _decode(cfg, tokens, paths, sizes, f0, skip_bad, threads, device)
     feats = np.zeros((n, v, k, h, w, dim), dtype=np.float32)  # skipped frames stay zero
@@ -320,17 +326,18 @@ def extract_shard(
 @locked_stage("extract-teacher")
 def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     """The extract-teacher stage: patch features and CLS tokens of every camera image."""
-    _check_options(cfg)
+    info = teacher_info(cfg.teacher)
+    _check_options(cfg, info.patch_size)
     builds = f"teacher/{cfg.group_name()}"
     root = open_for_stage(cfg.store, require=("index",), builds=builds)
-    info = teacher_info(cfg.teacher)
     if info.arch == ORACLE_ID:
         _require_class_maps(root)
     if info.random_init:
         from hilda.pipeline.runner import console
 
         console.print(
-            f"[bold yellow]WARNING: teacher {cfg.teacher} is a RANDOMLY INITIALISED DINOv2 "
+            f"[bold yellow]WARNING: teacher {cfg.teacher} is a RANDOMLY INITIALISED "
+            f"{FAMILY_LABELS.get(info.family, info.family)} "
             f"({info.arch}); its features carry no learned semantics. "
             "Recorded as such in the store.[/]"
         )
@@ -342,7 +349,7 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     attrs = _group_attrs(cfg, info, blocks, dtype)
     width, height = cfg.image_size
     dims = {"F": num_frames, "V": len(index.attrs["cameras"])}
-    dims |= {"h": height // PATCH, "w": width // PATCH, "D": info.dim}
+    dims |= {"h": height // info.patch_size, "w": width // info.patch_size, "D": info.dim}
     root.require_group("teacher")
     spec = teacher_group(cfg.group_name(), blocks, dtype)
     # float16 features are stored uncompressed: zstd saves ~8% of their bytes but makes each
@@ -380,10 +387,13 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     }
 
 
-def _check_options(cfg: TeacherConfig) -> None:
+def _check_options(cfg: TeacherConfig, patch: int) -> None:
     width, height = cfg.image_size
-    if width % PATCH or height % PATCH:
-        raise ConfigError(f"--image-size {width}x{height}: both sides must be multiples of {PATCH}")
+    if width % patch or height % patch:
+        raise ConfigError(
+            f"--image-size {width}x{height}: both sides must be multiples of the teacher's "
+            f"patch size {patch}"
+        )
     if cfg.codec not in codecs.CODECS:
         raise ConfigError(f"--codec {cfg.codec!r}: use one of {codecs.CODECS}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -400,8 +410,9 @@ def _group_attrs(cfg: TeacherConfig, info: TeacherInfo, blocks: list[int], dtype
         "weights_hash": info.weights_hash,
         "blocks": blocks,
         "image_size": [width, height],
-        "patch_size": PATCH,
-        "grid": [height // PATCH, width // PATCH],
+        "family": info.family,
+        "patch_size": info.patch_size,
+        "grid": [height // info.patch_size, width // info.patch_size],
         "dim": info.dim,
         "depth": info.depth,
         "registers": info.registers,
