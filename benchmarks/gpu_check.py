@@ -64,12 +64,14 @@ def timed_cuda(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
 
 def teacher_throughput(quick: bool) -> list[Row]:
     if not cuda():
-        return [Row("1 teacher forward", "ViT-S/B/L 224x448 bf16", "-", "needs CUDA")]
+        what = "DINOv2 ViT-S/B/L 14, DINOv3 ViT-S/B/L 16, 224x448 bf16"
+        return [Row("1 teacher forward", what, "-", "needs CUDA")]
     from hilda.models.teacher import MultiLayerTeacher, build_teacher, enable_xformers
 
     rows, batch = [], 8 if quick else 32
     x = torch.randn(batch, 3, 224, 448, device="cuda")
-    for arch in ("vits14", "vitb14", "vitl14"):
+    archs = ("vits14", "vitb14", "vitl14", "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16")
+    for arch in archs:
         for attention in ("sdpa", "xformers"):
             model, info = build_teacher(f"random:{arch}")
             model = model.cuda()
