@@ -13,6 +13,7 @@ transformers or hilda's loader.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -240,3 +241,34 @@ def test_a_cache_of_another_family_is_refused_with_the_command_that_fills_it(
     text = " ".join(result.output.split())
     assert "a DINOv3 dinov3_vits16 teacher" in text and "random:dinov3_vits16" in text
     assert "hilda-prep extract-teacher" in text
+
+
+def test_a_dinov3_cache_trains_the_tiny_preset_and_the_backbone_evaluates(
+    train_store: str, nusc_cfg: SyntheticConfig, tmp_path: Path
+) -> None:
+    from hilda.engine.config_io import load_config
+    from hilda.eval.config import SegConfig
+    from hilda.eval.probe import run_segmentation
+    from hilda.train.config import TrainConfig
+    from hilda.train.loop import train
+    from tests.train_helpers import SMALL
+
+    sets = [*SMALL, "data.teacher=dinov3_vits16", "optim.max_steps=2"]
+    cfg = load_config(TrainConfig, "tiny_cpu", sets)
+    result = train(cfg, train_store, tmp_path / "run")
+    assert result.steps == 2 and result.backbone is not None
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["teacher"] == "dinov3_vits16", run["teacher"]
+    seg = load_config(
+        SegConfig,
+        None,
+        [
+            "data.dataset=synthetic",
+            f"data.root={nusc_cfg.out}",
+            "data.num_workers=0",
+            "optim.epochs=1",
+            "device=cpu",
+        ],
+    )
+    probe = run_segmentation(seg, result.backbone, out=tmp_path / "lp.json")
+    assert 0.0 <= probe["miou"] <= 1.0 and probe["steps"] >= 1
