@@ -1,7 +1,7 @@
 """Rigid-transform helpers shared by the readers, the synthetic world and the pipeline.
 
 Pure numpy. Transforms are 4x4 homogeneous matrices named ``a_to_b`` (they map points
-expressed in frame ``a`` into frame ``b``), as in DESIGN.md's store layout.
+expressed in frame ``a`` into frame ``b``), as in the store layout of docs/design.md.
 Quaternions follow the nuScenes / AV2 convention: (w, x, y, z).
 """
 

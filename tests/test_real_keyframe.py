@@ -41,6 +41,6 @@ def test_reader_returns_the_real_calibration_and_points(
         idx, _, _ = project_points(points, chain, cam.intrinsics, cam.width, cam.height)
         pairs += len(idx)
         seen[idx] = True
-    # DESIGN.md, measured with the devkit's map_pointcloud_to_image: 22,103 pairs, 58% seen.
+    # docs/design.md, measured with the devkit's map_pointcloud_to_image: 22,103 pairs, 58% seen.
     assert pairs == 22_103
     assert abs(seen.mean() - 0.58) < 0.01

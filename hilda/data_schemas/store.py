@@ -1,4 +1,4 @@
-"""The Zarr training-cache layout (DESIGN.md, "The store") written down as code.
+"""The Zarr training-cache layout (docs/design.md, "The store") written down as code.
 
 Every group, array, dtype, symbolic shape and chunk rule of the cache lives here, so the
 pipeline creates arrays from these specs and ``validate_store`` checks a store against the
