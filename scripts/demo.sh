@@ -23,15 +23,13 @@ hilda-prep frames --dataset nuscenes --root "$OUT/nuscenes" --version v1.0-mini 
 hilda-prep frames --dataset nuscenes --root "$OUT/nuscenes" --version v1.0-mini --split mini_val
 echo "[demo] 3/8 the training cache: $OUT/cache.zarr ($WORKERS Dask workers)"
 STORE="$OUT/cache.zarr"
-hilda-prep index --dataset nuscenes --root "$OUT/nuscenes" --version v1.0-mini --split mini_train \
-  --out "$STORE" --frames-per-shard 4 --workers "$WORKERS"
-hilda-prep build-pointmaps --store "$STORE" --workers "$WORKERS"
-# No DINOv2 weights can be downloaded here: the demo uses a randomly initialised ViT-S/14.
-hilda-prep extract-teacher --store "$STORE" --teacher random:vits14 --layers last2 \
-  --image-size 448x224 --workers "$WORKERS"
-# 256 cells of 0.4 m (+-51 m): the tiny preset's BEV grid (rebuilt each run: cheap, and a demo
-# store from an older run may hold another grid).
-hilda-prep build-occupancy --store "$STORE" --grid 256 --workers "$WORKERS" --overwrite
+# What the tiny preset needs from the cache (teacher blocks, BEV grid), derived from the preset:
+# the plan, then every stage with those settings on one Dask cluster. No DINOv2 weights can be
+# downloaded here: the demo's teacher is a randomly initialised ViT-S/14.
+SPLIT=(--root "$OUT/nuscenes" --version v1.0-mini --split mini_train)
+hilda-prep plan --for tiny_cpu --out "$STORE" "${SPLIT[@]}" --teacher random:vits14
+hilda-prep all --for tiny_cpu --out "$STORE" "${SPLIT[@]}" --teacher random:vits14 \
+  --image-size 448x224 --frames-per-shard 4 --workers "$WORKERS"
 echo "[demo] 4/8 what the cache holds"
 hilda-prep validate --store "$STORE"
 hilda-prep info --store "$STORE"

@@ -68,3 +68,26 @@ def test_bad_options_are_rejected(tmp_path: Path) -> None:
         prep.app, ["make-synthetic", "--out", str(tmp_path), "--format", "kitti"]
     )
     assert result.exit_code == 2 and "format must be" in result.output
+
+
+def test_prep_plan_and_all_for_a_preset(nusc_cfg, tmp_path) -> None:
+    """What a preset needs from the cache is derived once: `hilda-prep plan --for` prints it,
+    `hilda-prep all --for` builds it, and `hilda-train check` accepts the result."""
+    runner = CliRunner()
+    res = runner.invoke(
+        prep.app, ["plan", "--for", "ablations/table8_separate_last4", "--out", "S"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "--teacher facebook/dinov2-small --layers last4 --name vits14" in res.output
+    assert "build-occupancy" not in res.output  # that ablation has no occupancy target
+    res = runner.invoke(prep.app, ["plan", "--for", "dinov3_vitb16", "--out", "S"])
+    assert "--teacher facebook/dinov3-vitb16-pretrain-lvd1689m --layers last2" in res.output
+    assert "--grid 512 --cell 0.4" in res.output
+
+    store = str(tmp_path / "cache.zarr")
+    args = ["all", "--for", "tiny_cpu", "--out", store, "--root", str(nusc_cfg.out)]
+    args += ["--teacher", "random:vits14", "--image-size", "112x56", "--frames-per-shard", "2"]
+    res = runner.invoke(prep.app, args)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(train.app, ["check", "--config", "tiny_cpu", "--store", store])
+    assert res.exit_code == 0, res.output

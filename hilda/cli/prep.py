@@ -384,6 +384,59 @@ def extract_teacher_cmd(
     _report(f"teacher/{cfg.group_name()}", store, summary)
 
 
+ForPreset = Annotated[
+    str | None,
+    typer.Option(
+        "--for",
+        help="a pre-training preset or YAML: derive the teacher size, blocks, group name and "
+        "BEV grid it needs (hilda-train check accepts the result)",
+    ),
+]
+PresetSets = Annotated[
+    list[str] | None, typer.Option("--set", help="override a key of the --for preset")
+]
+
+
+def _prep_plan(
+    preset: str | None,
+    sets: list[str] | None,
+    teacher: str | None,
+    layers: str | None,
+    name: str | None,
+    grid: int | None,
+    cell: float | None,
+) -> dict:
+    """The teacher and occupancy settings of a cache: given explicitly, else what the
+    ``--for`` preset needs (``hilda.train.needs``), else the single commands' defaults."""
+    plan = {
+        "teacher": True,
+        "occupancy": True,
+        "source": "random:vits14",
+        "layers": "last2",
+        "name": None,
+        "grid": 512,
+        "cell": 0.4,
+    }
+    if preset is not None:
+        from hilda.engine.config_io import load_config
+        from hilda.train.config import TrainConfig
+        from hilda.train.needs import cache_needs
+
+        needs = cache_needs(load_config(TrainConfig, preset, list(sets or [])))
+        plan.update(
+            teacher=needs.teacher,
+            occupancy=needs.occupancy,
+            source=needs.teacher_source(),
+            layers=needs.layers,
+            name=needs.group_name(),
+            grid=needs.grid,
+            cell=needs.cell,
+        )
+    given = {"source": teacher, "layers": layers, "name": name, "grid": grid, "cell": cell}
+    plan.update({k: v for k, v in given.items() if v is not None})
+    return plan
+
+
 @app.command("all")
 @fail_cleanly
 def all_cmd(
@@ -393,14 +446,19 @@ def all_cmd(
     version: Version = "v1.0-mini",
     split: Split = "all",
     frames_per_shard: FramesPerShard = 32,
-    teacher: Teacher = "random:vits14",
-    layers: Layers = "last2",
+    for_preset: ForPreset = None,
+    preset_sets: PresetSets = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="teacher source (default: the --for preset's size, or random:vits14)"),
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="lastK or block indices")] = None,
     image_size: ImageSize = "448x224",
     codec: Codec = "float16",
     device: Device = "cpu",
     name: Annotated[str | None, typer.Option(help="teacher group name")] = None,
-    grid: Grid = 512,
-    cell: Cell = 0.4,
+    grid: Annotated[int | None, typer.Option(help="BEV cells per side (default 512)")] = None,
+    cell: Annotated[float | None, typer.Option(help="metres per BEV cell (default 0.4)")] = None,
     workers: Workers = 1,
     scheduler: Scheduler = None,
     no_worker_timeout: NoWorkerTimeout = 300.0,
@@ -408,7 +466,8 @@ def all_cmd(
     skip_bad: SkipBad = False,
 ) -> None:
     """Every stage in order on one Dask cluster: index, build-pointmaps, extract-teacher,
-    build-occupancy (the single commands' defaults for the rest). Resumable."""
+    build-occupancy. With --for PRESET, the teacher blocks, group name and BEV grid the preset
+    needs (and only the stages it reads). Resumable."""
     from hilda.pipeline.ops.occupancy import OccupancyConfig
     from hilda.pipeline.stages.index import IndexConfig
     from hilda.pipeline.stages.occupancy import OccupancyStageConfig
@@ -416,15 +475,24 @@ def all_cmd(
     from hilda.pipeline.stages.prepare import PrepareConfig, run_all
     from hilda.pipeline.stages.teacher import TeacherConfig
 
+    plan = _prep_plan(for_preset, preset_sets, teacher, layers, name, grid, cell)
+    teacher_cfg = TeacherConfig(
+        out,
+        plan["source"],
+        plan["layers"],
+        parse_size(image_size),
+        codec=codec,
+        device=device,
+        name=plan["name"],
+    )
+    occupancy = OccupancyStageConfig(out, OccupancyConfig(grid=plan["grid"], cell=plan["cell"]))
     cfg = PrepareConfig(
         index=IndexConfig(
             dataset, str(root), out, version, split, frames_per_shard=frames_per_shard
         ),
-        pointmaps=PointmapConfig(out),
-        teacher=TeacherConfig(
-            out, teacher, layers, parse_size(image_size), codec=codec, device=device, name=name
-        ),
-        occupancy=OccupancyStageConfig(out, OccupancyConfig(grid=grid, cell=cell)),
+        pointmaps=PointmapConfig(out) if plan["teacher"] else None,
+        teacher=teacher_cfg if plan["teacher"] else None,
+        occupancy=occupancy if plan["occupancy"] else None,
     )
     options = _stage_options(
         workers,
@@ -436,6 +504,41 @@ def all_cmd(
     )
     for stage, summary in run_all(cfg, options).items():
         _report(stage, out, summary)
+
+
+@app.command("plan")
+@fail_cleanly
+def plan_cmd(
+    for_preset: Annotated[str, typer.Option("--for", help="a pre-training preset or YAML")],
+    preset_sets: PresetSets = None,
+    out: Annotated[str, typer.Option(help="the store to build")] = "STORE",
+    root: Annotated[str, typer.Option(help="dataset root")] = "ROOT",
+    dataset: DatasetName = "nuscenes",
+    version: Version = "v1.0-trainval",
+    split: Split = "train",
+    teacher: Annotated[str | None, typer.Option(help="teacher source")] = None,
+) -> None:
+    """Print the hilda-prep commands that build a cache the preset can train on (what
+    `hilda-prep all --for PRESET` runs, stage by stage)."""
+    plan = _prep_plan(for_preset, preset_sets, teacher, None, None, None, None)
+    lines = [
+        f"hilda-prep index --dataset {dataset} --root {root} --version {version} "
+        f"--split {split} --out {out}"
+    ]
+    if plan["teacher"]:
+        lines.append(f"hilda-prep build-pointmaps --store {out}")
+        named = f" --name {plan['name']}" if plan["name"] else ""
+        lines.append(
+            f"hilda-prep extract-teacher --store {out} --teacher {plan['source']} "
+            f"--layers {plan['layers']}{named}"
+        )
+    if plan["occupancy"]:
+        lines.append(
+            f"hilda-prep build-occupancy --store {out} --grid {plan['grid']} "
+            f"--cell {plan['cell']:g}"
+        )
+    lines.append(f"hilda-train check --config {for_preset} --store {out}")
+    typer.echo("\n".join(lines))
 
 
 @app.command("info")

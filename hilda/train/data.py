@@ -29,6 +29,7 @@ from hilda.errors import ConfigError, HildaError
 from hilda.models.teacher import FAMILY_LABELS, example_source, family_of
 from hilda.pipeline.ops.occupancy import ego_compensate
 from hilda.train.config import TrainConfig
+from hilda.train.needs import CacheNeeds, cache_needs
 
 
 @dataclass(frozen=True)
@@ -55,29 +56,29 @@ class CacheInfo:
 def check_cache(store: str, cfg: TrainConfig) -> CacheInfo:
     """Check the cache against the config before anything trains; every mismatch is a
     CacheMismatchError naming the hilda-prep command that fixes it."""
+    needs = cache_needs(cfg)
     groups = ["index", "points"]
-    groups += ["pointmaps"] if cfg.needs_teacher else []
-    groups += ["occupancy"] if cfg.needs_occupancy else []
+    groups += ["pointmaps"] if needs.pointmaps else []
+    groups += ["occupancy"] if needs.occupancy else []
     reader = CacheReader(store, groups)
     info: dict = {"store": reader.store, "cameras": len(reader.cameras)}
-    if cfg.needs_teacher:
+    if needs.teacher:
         info.update(_check_teacher(reader, cfg))
-    if cfg.needs_occupancy:
-        info.update(_check_occupancy(reader, cfg))
+    if needs.occupancy:
+        info.update(_check_occupancy(reader, needs))
     return CacheInfo(**info)
 
 
-def _check_occupancy(reader: CacheReader, cfg: TrainConfig) -> dict:
+def _check_occupancy(reader: CacheReader, needs: CacheNeeds) -> dict:
     occ, store = reader.attrs("occupancy"), reader.store
     grid = occ["grid"][0] if isinstance(occ["grid"], list) else occ["grid"]
     cell = float(occ["cell"])
-    want_cell = cfg.model.bev_stride * cfg.model.voxel.voxel_size
-    if grid != cfg.model.bev_grid or abs(cell - want_cell) > 1e-6:
+    if grid != needs.grid or abs(cell - needs.cell) > 1e-6:
         raise CacheMismatchError(
             f"{store}: occupancy/ is {grid}x{grid} cells of {cell} m, the config wants "
-            f"{cfg.model.bev_grid} cells of {want_cell:g} m (bev_stride x voxel_size): run "
-            f"`hilda-prep build-occupancy --store {store} --grid {cfg.model.bev_grid} "
-            f"--cell {want_cell:g} --overwrite` or set model.bev_grid / model.bev_stride"
+            f"{needs.grid} cells of {needs.cell:g} m (bev_stride x voxel_size): run "
+            f"`hilda-prep build-occupancy --store {store} --grid {needs.grid} "
+            f"--cell {needs.cell:g} --overwrite` or set model.bev_grid / model.bev_stride"
         )
     return {"occupancy_grid": int(grid), "occupancy_cell": cell}
 

@@ -23,12 +23,13 @@ class PrepareConfig:
     """One configuration per stage; they all name the same store."""
 
     index: IndexConfig
-    pointmaps: PointmapConfig
-    teacher: TeacherConfig
-    occupancy: OccupancyStageConfig
+    pointmaps: PointmapConfig | None
+    teacher: TeacherConfig | None  # None: a config that distils nothing needs no teacher
+    occupancy: OccupancyStageConfig | None  # None: no occupancy target
 
     def __post_init__(self) -> None:
-        stores = {self.index.store, self.pointmaps.store, self.teacher.store, self.occupancy.store}
+        stages = (self.index, self.pointmaps, self.teacher, self.occupancy)
+        stores = {s.store for s in stages if s is not None}
         if len(stores) != 1:
             raise ValueError(f"the stages name different stores: {sorted(stores)}")
 
@@ -58,15 +59,17 @@ def shared_cluster(cluster: ClusterConfig, store: str, gpu: bool) -> Iterator[Cl
 
 def run_all(cfg: PrepareConfig, options: StageOptions) -> dict[str, dict[str, Any]]:
     """Every stage in order; returns each stage's summary."""
-    gpu = cfg.teacher.device == "cuda"
+    gpu = cfg.teacher is not None and cfg.teacher.device == "cuda"
     # The store's writer lock for the whole run, not only stage by stage: no other writer
     # gets in between two stages.
     lock = writer_lock(cfg.index.store, "hilda-prep all")
     with lock, shared_cluster(options.cluster, cfg.index.store, gpu) as cluster:
         opts = replace(options, cluster=cluster)
-        return {
-            "index": run_index(cfg.index, opts),
-            "pointmaps": run_pointmaps(cfg.pointmaps, opts),
-            f"teacher/{cfg.teacher.group_name()}": run_teacher(cfg.teacher, opts),
-            "occupancy": run_occupancy(cfg.occupancy, opts),
-        }
+        out = {"index": run_index(cfg.index, opts)}
+        if cfg.pointmaps is not None:
+            out["pointmaps"] = run_pointmaps(cfg.pointmaps, opts)
+        if cfg.teacher is not None:
+            out[f"teacher/{cfg.teacher.group_name()}"] = run_teacher(cfg.teacher, opts)
+        if cfg.occupancy is not None:
+            out["occupancy"] = run_occupancy(cfg.occupancy, opts)
+        return out
