@@ -95,6 +95,8 @@ def prepare(out: Path) -> Path:
             "last2",
             "--image-size",
             "448x224",
+            "--codec",
+            "float16",  # the learning test's caches
             log=log,
         )
         cli("hilda-prep", "build-occupancy", *common, "--grid", "256", log=log)

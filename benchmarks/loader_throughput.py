@@ -6,6 +6,7 @@ process on one thread; ratios from the same run. Prints tables; not a test.
 
     .venv/bin/python benchmarks/loader_throughput.py [--store out/demo/cache.zarr] [--rounds 2]
         [--real-jpegs DIR]
+    .venv/bin/python benchmarks/loader_throughput.py --codecs --store out/demo/cache.zarr
 
 The synthetic world's images are 640x360. With ``--real-jpegs`` (default: the real nuScenes
 keyframe beside the checkout, ``../shared/realdata/nuscenes-keyframe``, when present) the
@@ -161,14 +162,79 @@ def decode_rates(jpegs: dict[str, str], size: tuple[int, int], repeats: int = 5)
     return out
 
 
+def teacher_bytes_per_frame(store: str, name: str) -> float:
+    """Stored bytes of one frame of ``teacher/<name>/`` (every array: grids, scales, CLS)."""
+    from hilda.pipeline.stages.info import store_info
+
+    return float(store_info(store)["groups"][f"teacher/{name}"]["bytes_per_frame"])
+
+
+def codec_comparison(store: str, rounds: int) -> None:
+    """Samples/s per core and teacher bytes read per sample, float16 against int8, on one
+    run: a copy of ``store`` gets the int8 group of its (float16) teacher, then the cached
+    path assembles the same samples from each (the int8 grids as stored, for the device)."""
+    import shutil
+    import tempfile
+
+    from hilda.pipeline.stages.common import StageOptions
+    from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
+
+    reader = CacheReader(store, ["occupancy"])
+    t = reader.teacher()
+    if t.int8:
+        raise SystemExit(f"{store}: teacher/{t.name}/ is int8 already; give a float16 cache")
+    attrs = reader.attrs(f"teacher/{t.name}")
+    grid = reader.attrs("occupancy")["grid"]
+    grid = grid[0] if isinstance(grid, list) else grid
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = str(Path(tmp) / "cache.zarr")
+        shutil.copytree(store, copy)
+        cfg = TeacherConfig(
+            store=copy,
+            teacher=t.model_id,
+            layers=",".join(str(b) for b in t.blocks),
+            image_size=tuple(attrs["image_size"]),
+            codec="int8",
+            name="int8",
+        )
+        run_teacher(cfg, StageOptions())
+        rows = {}
+        for name in (t.name, "int8"):
+            sets = ["data.num_workers=0", f"model.bev_grid={grid}", f"data.teacher={name}"]
+            train = load_config(TrainConfig, None, sets)
+            info = check_cache(copy, train)
+            samples = sample_index(copy, info, needs_occupancy=True)
+            ds = CacheDataset(train, info, samples)
+            items = [(k,) for k in range(len(samples.frames))]
+            speed = rate(lambda k, ds=ds: collate([ds[(k, 0)]]), items, rounds)
+            rows[name] = (speed, 2 * teacher_bytes_per_frame(copy, name))  # t-1 and t0
+    (f16, f16_bytes), (i8, i8_bytes) = rows[t.name], rows["int8"]
+    print(f"\nteacher codec, {t.model_id} blocks {list(t.blocks)}, {len(items)} samples, 1 thread")
+    print("| codec | samples/s per core | teacher KiB read per sample | vs float16 |")
+    print("|---|---:|---:|---|")
+    print(f"| float16 | {f16:.2f} | {f16_bytes / 1024:,.0f} | 1.00x speed, 1.00x bytes |")
+    print(
+        f"| int8 (dequantised on the device) | {i8:.2f} | {i8_bytes / 1024:,.0f} | "
+        f"{i8 / f16:.2f}x speed, {i8_bytes / f16_bytes:.2f}x bytes |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", default="out/demo/cache.zarr")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--codecs", action="store_true", help="only: float16 against int8 on a copy of --store"
+    )
     here = Path(__file__).resolve().parents[2] / "shared/realdata/nuscenes-keyframe"
     ap.add_argument("--real-jpegs", type=Path, default=here)
     args = ap.parse_args()
     torch.set_num_threads(1)  # per core
+    if args.codecs:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        codec_comparison(args.store, args.rounds)
+        return
     jpegs = real_jpegs(args.real_jpegs)
     decode = decode_rates(jpegs, (448, 224)) if jpegs is not None else None  # before pinning
     if hasattr(os, "sched_setaffinity"):  # Zarr decodes in threads: keep them on one core too

@@ -297,14 +297,25 @@ class CacheReader:
         )
 
     def teacher_block_reads(
-        self, teacher: TeacherGroup, block: int, index: int | tuple[int, int]
+        self,
+        teacher: TeacherGroup,
+        block: int,
+        index: int | tuple[int, int],
+        as_stored: bool = False,
     ) -> Reads:
         """Patch features of ``block`` at a frame ((V, h, w, D)) or (frame, camera) ((h, w,
-        D)): float16 as stored, or float32 decoded from int8."""
+        D)): float16 as stored, or float32 decoded from int8. ``as_stored``: int8 grids stay
+        as stored, (values (..., h, w, D) int8, channel scale (..., D), token scale (..., h,
+        w)), for the training device to dequantise (``hilda.models.grid.QuantizedGrid``)."""
         g = f"teacher/{teacher.name}/layer_{block}"
         if not teacher.int8:
             return Reads([(self._array(g), index)], lambda r: np.asarray(r[0]))
         names = (g, f"{g}_scale", f"{g}_token_scale")
+        if as_stored:
+            return Reads(
+                [(self._array(n), index) for n in names],
+                lambda r: tuple(np.asarray(x) for x in r),
+            )
         return Reads(
             [(self._array(n), index) for n in names],
             lambda r: codecs.decode(np.asarray(r[0]), (np.asarray(r[1]), np.asarray(r[2]))),

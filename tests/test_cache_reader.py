@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from hilda.cache import CacheMismatchError, CacheReader
@@ -73,8 +74,10 @@ def test_reads_equal_the_stored_arrays(train_store: str) -> None:
     np.testing.assert_array_equal(reader.teacher_block(t, block, (FRAME, 2)), want["block"][2])
 
 
-def test_int8_teacher_is_decoded(train_store: str, tmp_path: Path) -> None:
-    store = str(tmp_path / "int8.zarr")
+@pytest.fixture(scope="module")
+def int8_store(train_store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The training cache plus teacher/q: the random ViT-S/14's last 2 blocks in int8."""
+    store = str(tmp_path_factory.mktemp("int8") / "int8.zarr")
     shutil.copytree(train_store, store)
     cfg = TeacherConfig(
         store=store,
@@ -85,6 +88,11 @@ def test_int8_teacher_is_decoded(train_store: str, tmp_path: Path) -> None:
         codec="int8",
     )
     run_teacher(cfg, StageOptions(cluster=ClusterConfig(workers=1)))
+    return store
+
+
+def test_int8_teacher_is_decoded(int8_store: str) -> None:
+    store = int8_store
     reader = CacheReader(store)
     t = reader.teacher("q")
     assert t.int8 and t.blocks == (10, 11)
@@ -151,3 +159,36 @@ def test_reopens_after_fork(train_store: str) -> None:
     with multiprocessing.get_context("fork").Pool(1) as pool:
         got = pool.apply_async(_points_in_child, (FRAME,)).get(timeout=120)
     np.testing.assert_array_equal(got, want)
+
+
+def test_int8_grids_travel_as_stored_and_dequantise_on_the_device(int8_store: str) -> None:
+    """The loader hands int8 grids over as stored (1 byte a value plus the scales); the
+    model's dequantisation equals the codec's decode."""
+    from hilda.engine.config_io import load_config
+    from hilda.models.grid import QuantizedGrid
+    from hilda.train.config import TrainConfig
+    from hilda.train.data import CacheDataset, check_cache, collate, sample_index
+    from tests.train_helpers import SMALL
+
+    cfg = load_config(TrainConfig, "tiny_cpu", [*SMALL, "data.teacher=q"])
+    info = check_cache(int8_store, cfg)
+    dataset = CacheDataset(cfg, info, sample_index(int8_store, info, cfg.needs_occupancy))
+    sample = dataset[(0, 0)]
+    grid = collate([sample]).grids[0]  # offset 0: the last block, 11
+    assert isinstance(grid, QuantizedGrid) and grid.values.dtype == torch.int8
+    reader = CacheReader(int8_store)
+    t = reader.teacher("q")
+    clouds = (sample["prev"], sample["frame"])  # cloud 0 is t-1, cloud 1 is t0
+    want = np.concatenate([reader.teacher_block(t, 11, f) for f in clouds])
+    np.testing.assert_array_equal(grid.dequantize().numpy(), want)
+
+
+def test_training_reads_an_int8_teacher(int8_store: str, tmp_path: Path) -> None:
+    from hilda.engine.config_io import load_config
+    from hilda.train.config import TrainConfig
+    from hilda.train.loop import train
+    from tests.train_helpers import SMALL
+
+    cfg = load_config(TrainConfig, "tiny_cpu", [*SMALL, "data.teacher=q", "optim.max_steps=2"])
+    result = train(cfg, int8_store, tmp_path / "run")
+    assert result.steps == 2 and np.isfinite(result.final["distill"])

@@ -63,7 +63,8 @@ def test_stage_writes_the_majority_class_embedding(nusc_cfg: SyntheticConfig, tm
     assert group.attrs["blocks"] == [10, 11] and group.attrs["random_init"] is False
     path = CacheReader(store).image_path(0, 0)
     expect = majority_class(load_class_maps([path], (112, 56), "frame 0")[0])  # (4, 8)
-    stored = np.asarray(group["layer_11"][0, 0], np.float32)  # (4, 8, 384) float16 as stored
+    reader = CacheReader(store)
+    stored = reader.teacher_block(reader.teacher("oracle"), 11, (0, 0))  # (4, 8, 384) decoded
     embed = OracleTeacher(OracleSpec(), [11]).embed[0]  # (256, 384) unit rows
     nearest = (stored @ embed.T).argmax(axis=-1)
     np.testing.assert_array_equal(nearest, expect)

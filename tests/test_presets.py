@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_list_presets() -> None:
     train = list_presets("train")
-    assert {"paper_vits", "paper_vitb", "paper_vitl", "tiny_cpu"} <= set(train)
-    assert "ablations/table8_final_only" in train and len(train) == 37
+    papers = {"paper_vits", "paper_vitb", "paper_vitl", "tiny_cpu"}
+    dinov3 = {"dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16"}
+    assert papers | dinov3 <= set(train)
+    assert "ablations/table8_final_only" in train and len(train) == 40  # 33 ablations
     assert not any(n.startswith("eval/") for n in train)
     assert list_presets("eval") == [
         "eval/finetune",

@@ -65,7 +65,14 @@ def build_train_cache(dataset_root: Path, store: str) -> None:
     run_pointmaps(PointmapConfig(store=store), opts)
     run_occupancy(OccupancyStageConfig(store=store, occupancy=OccupancyConfig(grid=256)), opts)
     for name, teacher, layers, image in TEACHERS:
+        # float16: the trainer tests' recorded losses were measured on it (int8 has its own
+        # tests in test_cache_reader)
         cfg = TeacherConfig(
-            store=store, teacher=teacher, layers=layers, image_size=image, name=name
+            store=store,
+            teacher=teacher,
+            layers=layers,
+            image_size=image,
+            name=name,
+            codec="float16",
         )
         run_teacher(cfg, opts)

@@ -220,7 +220,13 @@ Teacher = Annotated[
 ]
 Layers = Annotated[str, typer.Option(help="lastK or block indices, e.g. last2 or 10,11")]
 ImageSize = Annotated[str, typer.Option(help="WxH fed to the teacher (multiples of 14)")]
-Codec = Annotated[str, typer.Option(help="float16 | bitround | int8")]
+Codec = Annotated[
+    str,
+    typer.Option(
+        help="int8 (token x channel scales, dequantised on the training device) | float16 "
+        "| bitround"
+    ),
+]
 Device = Annotated[str, typer.Option(help="cpu or cuda")]
 Grid = Annotated[int, typer.Option(help="BEV cells per side")]
 Cell = Annotated[float, typer.Option(help="metres per cell (8 x 0.05 m voxels)")]
@@ -346,7 +352,7 @@ def extract_teacher_cmd(
     norm: Annotated[
         bool, typer.Option(help="apply the final LayerNorm to each block output")
     ] = True,
-    codec: Codec = "float16",
+    codec: Codec = "int8",
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 6,
     device: Device = "cpu",
     name: Annotated[str | None, typer.Option(help="group name under teacher/")] = None,
@@ -454,7 +460,7 @@ def all_cmd(
     ] = None,
     layers: Annotated[str | None, typer.Option(help="lastK or block indices")] = None,
     image_size: ImageSize = "448x224",
-    codec: Codec = "float16",
+    codec: Codec = "int8",
     device: Device = "cpu",
     name: Annotated[str | None, typer.Option(help="teacher group name")] = None,
     grid: Annotated[int | None, typer.Option(help="BEV cells per side (default 512)")] = None,

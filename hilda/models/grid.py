@@ -4,6 +4,8 @@ upsampling the grid to the image and indexing it. Pure torch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +34,47 @@ def sample_grid(
         )
         out[sel] = sampled[0, :, 0].t()  # (Q_i, D)
     return out
+
+
+@dataclass
+class QuantizedGrid:
+    """Teacher patch grids as the int8 codec stores them (``hilda.pipeline.ops.codecs``),
+    carried to the training device as stored and dequantised there: half the bytes of
+    float16 through the loader, and no decoding in its workers."""
+
+    values: torch.Tensor  # (I, h, w, D) int8
+    channel: torch.Tensor  # (I, D) float32 per-channel scale
+    token: torch.Tensor  # (I, h, w) float32 per-token scale
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedGrid:
+        return QuantizedGrid(
+            *(
+                t.to(device, non_blocking=non_blocking)
+                for t in (self.values, self.channel, self.token)
+            )
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """(I, h, w, D) float32: values x channel scale x token scale (the codec's decode)."""
+        return dequantize_int8(self.values, self.channel, self.token)
+
+    @classmethod
+    def cat(cls, grids: list[QuantizedGrid]) -> QuantizedGrid:
+        return cls(
+            *(
+                torch.cat(parts)
+                for parts in zip(*((g.values, g.channel, g.token) for g in grids), strict=True)
+            )
+        )
+
+
+def dequantize_int8(
+    values: torch.Tensor, channel: torch.Tensor, token: torch.Tensor
+) -> torch.Tensor:
+    """(..., h, w, D) int8, (..., D) and (..., h, w) float32 scales -> (..., h, w, D) float32."""
+    return values.float() * channel[..., None, None, :] * token[..., None]
+
+
+def as_float_grid(grid: torch.Tensor | QuantizedGrid) -> torch.Tensor:
+    """A teacher grid as float features on its device, whichever way it travelled."""
+    return grid.dequantize() if isinstance(grid, QuantizedGrid) else grid

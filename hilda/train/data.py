@@ -26,6 +26,7 @@ from hilda.cache import (
 from hilda.engine import augment
 from hilda.engine.sampler import sample_seed
 from hilda.errors import ConfigError, HildaError
+from hilda.models.grid import QuantizedGrid
 from hilda.models.teacher import FAMILY_LABELS, example_source, family_of
 from hilda.pipeline.ops.occupancy import ego_compensate
 from hilda.train.config import TrainConfig
@@ -230,7 +231,10 @@ class CacheDataset(Dataset):
         if cfg.needs_teacher:
             for frame in (p, f):
                 reads.append(r.pairs_reads(frame))
-                reads += [r.teacher_block_reads(t, b, frame) for b in self.info.blocks.values()]
+                reads += [
+                    r.teacher_block_reads(t, b, frame, as_stored=True)
+                    for b in self.info.blocks.values()
+                ]
                 reads.append(r.cls_reads(t, frame, t.depth - 1))
         if cfg.needs_occupancy:
             reads.append(r.occupancy_reads(f))
@@ -257,9 +261,9 @@ class CacheDataset(Dataset):
             out.update(pairs=[], grids=[], cls=[])
             for _ in (p, f):
                 out["pairs"].append(self._subsample(next(values), rng))
-                # float16 travels to the device as stored; sampling there is in float32.
-                grids = {k: next(values).astype(np.float16, copy=False) for k in self.info.blocks}
-                out["grids"].append(grids)
+                # Grids travel to the device as stored (float16, or int8 with its scales) and
+                # are dequantised and sampled there in float32.
+                out["grids"].append({k: _travel(next(values)) for k in self.info.blocks})
                 out["cls"].append(next(values))  # (V, D) of the last block
             sizes = reader.image_sizes()
             out["image_size"] = [sizes[p].astype(np.float32), sizes[f].astype(np.float32)]
@@ -287,7 +291,8 @@ class Batch:
     pair_image: torch.Tensor | None = None  # (Q,) int64 in [0, 2B V)
     pair_uv: torch.Tensor | None = None  # (Q, 2) float32 pixels
     image_size: torch.Tensor | None = None  # (2B V, 2) float32 (W, H)
-    grids: dict[int, torch.Tensor] = field(default_factory=dict)  # offset -> (2B V, h, w, D)
+    # offset -> (2B V, h, w, D) float16, or int8 with scales (a QuantizedGrid)
+    grids: dict[int, torch.Tensor | QuantizedGrid] = field(default_factory=dict)
     teacher_cls: torch.Tensor | None = None  # (2B, V, D)
     target: torch.Tensor | None = None  # (B, H, W) float32 in {0, 1}
 
@@ -330,10 +335,28 @@ def collate(samples: list[dict]) -> Batch:
         batch.pair_uv = torch.from_numpy(np.concatenate([q["uv"] for q in pairs]))
         batch.image_size = torch.from_numpy(np.concatenate([s["image_size"][k] for s, k in order]))
         batch.grids = {
-            off: torch.from_numpy(np.concatenate([s["grids"][k][off] for s, k in order]))
+            off: _collate_grids([s["grids"][k][off] for s, k in order])
             for off in samples[0]["grids"][0]
         }
         batch.teacher_cls = torch.from_numpy(np.stack([s["cls"][k] for s, k in order]))
     if "target" in samples[0]:
         batch.target = torch.from_numpy(np.stack([s["target"] for s in samples])).float()
     return batch
+
+
+def _travel(grid: np.ndarray | tuple) -> np.ndarray | tuple:
+    """A grid as it travels to the device: int8 + scales as stored, float as float16."""
+    return grid if isinstance(grid, tuple) else grid.astype(np.float16, copy=False)
+
+
+def _collate_grids(
+    grids: list[np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> torch.Tensor | QuantizedGrid:
+    """Per-cloud (V, h, w, D) grids -> (2B V, h, w, D): float16 as one tensor, int8 with its
+    channel (V, D) and token (V, h, w) scales as a QuantizedGrid."""
+    if isinstance(grids[0], tuple):
+        values, channel, token = (np.concatenate(parts) for parts in zip(*grids, strict=True))
+        return QuantizedGrid(
+            torch.from_numpy(values), torch.from_numpy(channel), torch.from_numpy(token)
+        )
+    return torch.from_numpy(np.concatenate(grids))

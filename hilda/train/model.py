@@ -17,6 +17,7 @@ from hilda.engine.distributed import global_mean
 from hilda.errors import ConfigError
 from hilda.models.bev import bev_pool
 from hilda.models.diffusion import DiffusionHead, draw_per_sample
+from hilda.models.grid import as_float_grid
 from hilda.models.heads import ClsHead, ProjectionHead
 from hilda.models.occupancy_heads import AlsoHead, SimpleOccupancyDecoder
 from hilda.models.student import build_student
@@ -93,7 +94,7 @@ class HildaModel(nn.Module):
         row = {k: i for i, k in enumerate(self.cfg.teacher_offsets)}
         targets = {  # offset -> (Q, D): bilinear at uv, centred when configured
             offset: teacher_targets(
-                grid,
+                as_float_grid(grid),  # int8 grids are dequantised here, on the device
                 batch.pair_image,
                 batch.pair_uv,
                 batch.image_size,
