@@ -245,7 +245,8 @@ def copy_store(src: str, dst: Path) -> str:
             "paper_vitb.yaml",
             ["data.teacher=vits"],
             None,
-            r"holds random:vits14 \(vits14\).*vitb14.*hilda-prep extract-teacher",
+            r"holds random:vits14 \(a DINOv2 vits14, patch 14\).*vitb14.*hilda-prep "
+            "extract-teacher",
         ),
         ("paper_vits.yaml", [], "drop_occupancy", r"no occupancy/.*hilda-prep build-occupancy"),
         ("paper_vits.yaml", [], "schema", r"version 99.*hilda-prep index --overwrite"),
