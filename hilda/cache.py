@@ -89,6 +89,7 @@ class CacheReader:
 
     def __init__(self, store: str, require: Sequence[str] = ("index", "points")) -> None:
         self.store = normalize_store(store)
+        self._attrs_cache: dict[str, str] = {}
         self._pid = -1
         root = self.root
         attrs = dict(root.attrs)
@@ -262,8 +263,10 @@ class CacheReader:
 
     @property
     def dataset_root(self) -> str:
-        """The dataset root the index's file paths are relative to."""
-        return str(self.root["index"].attrs["dataset_root"])
+        """The dataset root the index's file paths are relative to (read once)."""
+        if "dataset_root" not in self._attrs_cache:
+            self._attrs_cache["dataset_root"] = str(self.root["index"].attrs["dataset_root"])
+        return self._attrs_cache["dataset_root"]
 
     def point_count(self, f: int) -> int:
         offsets = self.point_offsets()

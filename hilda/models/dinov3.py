@@ -188,11 +188,11 @@ def official_to_hf(
     for i in range(int(cfg.num_hidden_layers)):
         src, dst = f"blocks.{i}.", f"model.layer.{i}."
         for off, hf in _block_pairs(swiglu):
+            if off.endswith("gamma"):  # LayerScale: a bare parameter
+                out[f"{dst}{hf}"] = state[f"{src}{off}"]
+                continue
             for kind in ("weight", "bias"):
-                key = f"{src}{off}.{kind}" if not off.endswith("gamma") else f"{src}{off}"
-                if key in state:
-                    name = f"{dst}{hf}.{kind}" if not off.endswith("gamma") else f"{dst}{hf}"
-                    out[name] = state[key]
+                out[f"{dst}{hf}.{kind}"] = state[f"{src}{off}.{kind}"]
         q, k, v = state[f"{src}attn.qkv.weight"].chunk(3, dim=0)
         out[f"{dst}attention.q_proj.weight"] = q
         out[f"{dst}attention.k_proj.weight"] = k

@@ -81,11 +81,6 @@ class TeacherInfo:
     family: str = "dinov2"  # dinov2 | dinov3 | oracle
     patch_size: int = PATCH
 
-    @property
-    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The family's input normalisation (both families' LVD models: ImageNet's)."""
-        return IMAGENET_MEAN, IMAGENET_STD
-
 
 DINOV3_ROPE = (
     "none: RoPE (official DINOv3: patch centres normalised per axis to [-1, 1], base 100, no "
