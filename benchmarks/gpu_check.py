@@ -4,9 +4,10 @@
    SDPA attention and with xformers when it is installed.
 2. ``hilda-prep extract-teacher --device cuda`` end to end on a synthetic cache (frames/s):
    GPU JPEG decoding when torchvision is installed, one GPU per Dask worker.
-3. MinkUNet34 forward + backward with AMP on spconv (and MinkowskiEngine when it was built
-   with CUDA): samples/s and peak GPU memory, on the real nuScenes keyframe sweep when it is
-   beside the checkout, else on a synthetic sweep.
+3. MinkUNet34 and PTv3 forward + backward with AMP on spconv (and MinkowskiEngine when it was
+   built with CUDA); PTv3 with its fastest attention kernel (flash-attention / xformers when
+   installed) and with torch SDPA: samples/s and peak GPU memory, on the real nuScenes
+   keyframe sweep when it is beside the checkout, else on a synthetic sweep.
 4. spconv on CUDA against MinkowskiEngine on the CPU with the same weights: relative
    difference of the point features and of every parameter's gradient.
 
@@ -134,7 +135,8 @@ def _sweep() -> tuple[torch.Tensor, str]:
 
 def student_amp(quick: bool) -> list[Row]:
     if not cuda():
-        return [Row("3 MinkUNet34 fwd+bwd AMP", "spconv / minkowski", "-", "needs CUDA")]
+        return [Row("3 students fwd+bwd AMP", "MinkUNet34 / PTv3", "-", "needs CUDA")]
+    from hilda.models.ptv3 import PTv3Config, attention_backend
     from hilda.models.sparse import backend_installed
     from hilda.models.student import StudentConfig, build_student
     from hilda.models.voxelize import VoxelConfig, voxelize
@@ -142,13 +144,19 @@ def student_amp(quick: bool) -> list[Row]:
     points, source = _sweep()
     points = points.cuda()
     batch = torch.zeros(len(points), dtype=torch.long, device="cuda")
+    variants = [("MinkUNet34", StudentConfig(backend=b), b) for b in ("spconv", "minkowski")]
+    for attention in ("auto", "sdpa"):
+        kernel = attention_backend(attention, torch.device("cuda"), torch.float16)
+        cfg = StudentConfig(arch="ptv3", backend="spconv", ptv3=PTv3Config(attention=attention))
+        variants.append(("PTv3", cfg, f"spconv, attention {kernel}"))
     rows = []
-    for backend in ("spconv", "minkowski"):
-        if not backend_installed(backend):
-            rows.append(Row("3 MinkUNet34 fwd+bwd AMP", backend, "-", f"needs {backend}"))
+    for arch, cfg, what in variants:
+        part = f"3 {arch} fwd+bwd AMP"
+        if not backend_installed(cfg.backend):
+            rows.append(Row(part, what, "-", f"needs {cfg.backend}"))
             continue
         try:
-            model = build_student(StudentConfig(backend=backend)).cuda().train()
+            model = build_student(cfg).cuda().train()
             optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
             scaler = torch.amp.GradScaler("cuda")
 
@@ -167,9 +175,11 @@ def student_amp(quick: bool) -> list[Row]:
             seconds = timed_cuda(step, 3 if quick else 10)
             peak = torch.cuda.max_memory_allocated() / 2**30
             value = f"{1 / seconds:.2f} samples/s, peak {peak:.2f} GiB ({source})"
-            rows.append(Row("3 MinkUNet34 fwd+bwd AMP", backend, value))
+            rows.append(Row(part, what, value))
         except Exception as exc:  # e.g. a CPU-only MinkowskiEngine build
-            rows.append(Row("3 MinkUNet34 fwd+bwd AMP", backend, "-", f"failed: {exc}"[:200]))
+            rows.append(Row(part, what, "-", f"failed: {exc}"[:200]))
+        finally:
+            torch.cuda.empty_cache()
     return rows
 
 

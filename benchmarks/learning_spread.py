@@ -166,7 +166,7 @@ def pretrain(teacher: str, seed: int, world: Path, args, env) -> dict:
             "hilda-train",
             "run",
             "--config",
-            "tiny_cpu",
+            args.config,
             "--store",
             str(args.out / f"{teacher}.zarr"),
             "--out",
@@ -239,6 +239,7 @@ def main() -> None:
     ap.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--probe-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--config", default="tiny_cpu", help="pre-training preset, e.g. tiny_cpu_ptv3")
     ap.add_argument("--steps", type=int, default=96, help="pre-training steps (the test's 96)")
     ap.add_argument("--set", action="append", default=[], help="pre-training override")
     ap.add_argument("--probe-set", action="append", default=[], help="probe override")
@@ -264,7 +265,7 @@ def main() -> None:
     world = prepare(args.out)
     env = job_env(args)
     spec = {
-        "describe": f"{args.steps} steps, {args.threads} thread(s), "
+        "describe": f"{args.config}, {args.steps} steps, {args.threads} thread(s), "
         + ("non-deterministic" if args.nondeterministic else "deterministic")
         + "".join(f", {s}" for s in args.set + args.env + [f"probe {p}" for p in args.probe_set]),
         "teachers": args.teachers,

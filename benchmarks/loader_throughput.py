@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hilda.cache import CacheReader
 from hilda.datasets.io import read_sweep
 from hilda.engine import augment
 from hilda.engine.config_io import load_config
@@ -41,6 +40,8 @@ from hilda.pipeline.ops.occupancy import OccupancyConfig, ego_compensate, future
 from hilda.pipeline.ops.projection import frame_pairs
 from hilda.pipeline.stages.pointmaps import BORDER_PX, MIN_DEPTH, PointmapConfig
 from hilda.pipeline.stages.teacher import load_images
+from hilda.store import INDEX, OCCUPANCY, teacher_path
+from hilda.store.reader import CacheReader
 from hilda.train.config import TrainConfig
 from hilda.train.data import CacheDataset, check_cache, collate, sample_index
 
@@ -52,13 +53,13 @@ class Online:
     def __init__(
         self, store: str, cfg: TrainConfig, teacher: bool, jpegs: dict[str, str] | None = None
     ) -> None:
-        reader = CacheReader(store, ["index", "occupancy"])
+        reader = CacheReader(store, [INDEX, OCCUPANCY])
         self.index = reader.index()
-        occ = reader.attrs("occupancy")
+        occ = reader.occupancy_attrs()
         grid = occ["grid"][0] if isinstance(occ["grid"], list) else occ["grid"]
         self.occ = OccupancyConfig(grid=int(grid), cell=float(occ["cell"]))
         t = reader.teacher()
-        self.image_size = tuple(reader.attrs(f"teacher/{t.name}")["image_size"])
+        self.image_size = tuple(reader.teacher_attrs(t.name)["image_size"])
         if jpegs is not None:  # every frame's camera reads the real keyframe's image
             real = [jpegs[c] for c in reader.cameras]
             self.index["image_path"] = np.array([real] * len(self.index["image_path"]))
@@ -164,9 +165,9 @@ def decode_rates(jpegs: dict[str, str], size: tuple[int, int], repeats: int = 5)
 
 def teacher_bytes_per_frame(store: str, name: str) -> float:
     """Stored bytes of one frame of ``teacher/<name>/`` (every array: grids, scales, CLS)."""
-    from hilda.pipeline.stages.info import store_info
+    from hilda.store.info import store_info
 
-    return float(store_info(store)["groups"][f"teacher/{name}"]["bytes_per_frame"])
+    return float(store_info(store)["groups"][teacher_path(name)]["bytes_per_frame"])
 
 
 def codec_comparison(store: str, rounds: int) -> None:
@@ -179,12 +180,12 @@ def codec_comparison(store: str, rounds: int) -> None:
     from hilda.pipeline.stages.common import StageOptions
     from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
 
-    reader = CacheReader(store, ["occupancy"])
+    reader = CacheReader(store, [OCCUPANCY])
     t = reader.teacher()
     if t.int8:
         raise SystemExit(f"{store}: teacher/{t.name}/ is int8 already; give a float16 cache")
-    attrs = reader.attrs(f"teacher/{t.name}")
-    grid = reader.attrs("occupancy")["grid"]
+    attrs = reader.teacher_attrs(t.name)
+    grid = reader.occupancy_attrs()["grid"]
     grid = grid[0] if isinstance(grid, list) else grid
     with tempfile.TemporaryDirectory() as tmp:
         copy = str(Path(tmp) / "cache.zarr")
@@ -239,7 +240,7 @@ def main() -> None:
     decode = decode_rates(jpegs, (448, 224)) if jpegs is not None else None  # before pinning
     if hasattr(os, "sched_setaffinity"):  # Zarr decodes in threads: keep them on one core too
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    grid = CacheReader(args.store, ["occupancy"]).attrs("occupancy")["grid"]
+    grid = CacheReader(args.store, [OCCUPANCY]).occupancy_attrs()["grid"]
     grid = grid[0] if isinstance(grid, list) else grid
     # The paper's data settings (every pair, both distilled blocks) on the store's BEV grid.
     cfg = load_config(TrainConfig, None, ["data.num_workers=0", f"model.bev_grid={grid}"])

@@ -21,8 +21,8 @@ import torch
 import zarr
 
 from hilda.models.teacher import MultiLayerTeacher, build_teacher, parse_layers, preprocess
-from hilda.pipeline.ops import codecs
 from hilda.pipeline.stages.teacher import load_images
+from hilda.store import codecs
 
 
 def stored_bytes(values: np.ndarray, codec: str) -> int:

@@ -9,3 +9,7 @@ class HildaError(ValueError):
 
 class ConfigError(HildaError):
     """An option or configuration value is invalid."""
+
+
+class FrameError(HildaError):
+    """A frame could not be processed; the message names the frame and the file."""

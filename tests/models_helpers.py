@@ -35,3 +35,16 @@ def batch_of(*clouds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     points = torch.cat(clouds)
     batch = torch.cat([torch.full((len(c),), i) for i, c in enumerate(clouds)])
     return points, batch
+
+
+def check_gradient(loss, param, index, h: float, rtol: float, atol: float) -> None:
+    """``param.grad[index]`` (from a backward of ``loss()`` already run) against the central
+    finite difference of ``loss()`` in that entry."""
+    with torch.no_grad():
+        param[index] += h
+        up = float(loss())
+        param[index] -= 2 * h
+        down = float(loss())
+        param[index] += h
+    numeric = (up - down) / (2 * h)
+    assert abs(float(param.grad[index]) - numeric) <= rtol * abs(numeric) + atol

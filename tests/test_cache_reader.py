@@ -13,12 +13,12 @@ import pytest
 import torch
 import zarr
 
-from hilda.cache import CacheMismatchError, CacheReader
-from hilda.pipeline.ops import codecs
-from hilda.pipeline.ops.occupancy import unpack
 from hilda.pipeline.runner import ClusterConfig
 from hilda.pipeline.stages.common import StageOptions
 from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
+from hilda.store import codecs
+from hilda.store.codecs import unpack
+from hilda.store.reader import CacheMismatchError, CacheReader
 from tests.train_helpers import IMAGE
 
 FRAME = 3

@@ -1,4 +1,4 @@
-"""One writer per store and per run folder (``hilda.lock``): a second writer fails at once
+"""One writer per store and per run folder (``hilda.store.lock``): a second writer fails at once
 naming the holder, a holder killed with -9 leaves a lock the next writer takes over, and one
 process may nest the lock (``hilda-prep all`` and its stages). The holder is a real second
 process; the test synchronises on files it writes, not on sleeps."""
@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from hilda.cli.prep import app as prep_app
 from hilda.cli.train import app as train_app
-from hilda.lock import LockedError, lock_path, writer_lock
+from hilda.store.lock import LockedError, lock_path, writer_lock
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from hilda.lock import writer_lock
+from hilda.store.lock import writer_lock
 target, ready, release = sys.argv[1:4]
 with writer_lock(target, "test holder"):
     Path(ready).touch()

@@ -10,13 +10,14 @@ import pytest
 import zarr
 from scipy.ndimage import binary_dilation
 
-from hilda.data_schemas.validate import StoreValidationError, validate_store
 from hilda.datasets import open_dataset
 from hilda.datasets.io import read_sweep
 from hilda.datasets.synthetic.generate import SyntheticConfig
 from hilda.datasets.synthetic.nuscenes_format import SCENE_START_US
-from hilda.pipeline.ops.occupancy import OccupancyConfig, fit_ground, rasterise, unpack
-from hilda.pipeline.stages.info import store_info
+from hilda.pipeline.ops.occupancy import OccupancyConfig, fit_ground, rasterise
+from hilda.store.codecs import unpack
+from hilda.store.info import store_info
+from hilda.store.validate import StoreValidationError, validate_store
 
 from .pipeline_helpers import array_files, arrays, build_cache
 from .test_readers import _expected_sweep

@@ -17,8 +17,9 @@ import zarr
 
 from hilda.datasets import open_dataset
 from hilda.datasets.synthetic.generate import SyntheticConfig
+from hilda.errors import FrameError
 from hilda.pipeline.runner import ClusterConfig
-from hilda.pipeline.stages.common import FrameError, StageOptions
+from hilda.pipeline.stages.common import StageOptions
 from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
 
 from .pipeline_helpers import array_files, build_cache
@@ -141,10 +142,10 @@ def test_a_group_cut_short_in_creation_is_rebuilt(
     """Killed between the group's metadata and its arrays: every command names the stage
     that repairs it, and rerunning that stage (plain or --overwrite) gives the store an
     uninterrupted run gives, byte for byte."""
-    from hilda.data_schemas.validate import StoreValidationError, validate_store
-    from hilda.pipeline import store_io
     from hilda.pipeline.ops.occupancy import OccupancyConfig
     from hilda.pipeline.stages.occupancy import OccupancyStageConfig, run_occupancy
+    from hilda.store import writer as store_io
+    from hilda.store.validate import StoreValidationError, validate_store
 
     base = tmp_path / "base.zarr"
     build_cache(nusc_cfg.out, str(base), stages=("index", "pointmaps"))

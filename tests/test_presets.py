@@ -25,8 +25,9 @@ def test_list_presets() -> None:
     train = list_presets("train")
     papers = {"paper_vits", "paper_vitb", "paper_vitl", "tiny_cpu"}
     dinov3 = {"dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16"}
-    assert papers | dinov3 <= set(train)
-    assert "ablations/table8_final_only" in train and len(train) == 40  # 33 ablations
+    ptv3 = {"paper_vits_ptv3", "paper_vitb_ptv3", "paper_vitl_ptv3", "tiny_cpu_ptv3"}
+    assert papers | dinov3 | ptv3 <= set(train)
+    assert "ablations/table8_final_only" in train and len(train) == 45  # 34 ablations
     assert not any(n.startswith("eval/") for n in train)
     assert list_presets("eval") == [
         "eval/finetune",

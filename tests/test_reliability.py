@@ -18,15 +18,17 @@ import zarr
 from typer.testing import CliRunner
 
 from hilda.cli.prep import app
-from hilda.data_schemas.store import dataset_file
 from hilda.datasets import open_dataset
 from hilda.datasets.io import DatasetError
 from hilda.datasets.synthetic.generate import SyntheticConfig
+from hilda.errors import FrameError
 from hilda.pipeline.runner import ClusterConfig, NoWorkersError
-from hilda.pipeline.stages.common import FrameError, StageOptions, frames_counted, row_shards
+from hilda.pipeline.stages.common import StageOptions
 from hilda.pipeline.stages.index import IndexConfig, run_index
 from hilda.pipeline.stages.pointmaps import PointmapConfig, run_pointmaps
 from hilda.pipeline.stages.teacher import TeacherConfig, load_images, run_teacher
+from hilda.store.ragged import frames_counted, row_shards
+from hilda.store.schema import dataset_file
 from tests.pipeline_helpers import build_cache
 
 ORACLE = dict(teacher="oracle", layers="last2", image_size=(112, 56), name="oracle")

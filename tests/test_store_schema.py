@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from hilda.data_schemas.store import INDEX, OCCUPANCY, POINTS, array_layout, teacher_group
-from hilda.data_schemas.validate import StoreValidationError, validate_store
-from hilda.pipeline.store_io import create_group, init_store
+from hilda.store.schema import INDEX, OCCUPANCY, POINTS, array_layout, teacher_group
+from hilda.store.validate import StoreValidationError, validate_store
+from hilda.store.writer import create_group, init_store
 
 F, V, FPS = 5, 6, 2
 

@@ -13,7 +13,7 @@ from hilda.models.convert import convert_state, detect_layout, load_backbone, sa
 from hilda.models.sparse import BACKENDS, backend_installed
 from hilda.models.student import STAGE_STRIDES, StudentConfig, build_student
 from hilda.models.voxelize import VoxelConfig, voxelize
-from tests.models_helpers import backend_params, batch_of, random_scene
+from tests.models_helpers import backend_params, batch_of, check_gradient, random_scene
 
 needs_both = pytest.mark.skipif(
     not all(backend_installed(b) for b in BACKENDS), reason="needs MinkowskiEngine and spconv"
@@ -75,15 +75,7 @@ def test_minkowski_gradients_match_finite_differences() -> None:
     loss().backward()
     params = dict(model.named_parameters())
     for name, index in [("bn4.bn.weight", 3), ("block2.1.conv1.kernel", (13, 5, 7))]:
-        p, h = params[name], 1e-5
-        with torch.no_grad():
-            p[index] += h
-            up = float(loss())
-            p[index] -= 2 * h
-            down = float(loss())
-            p[index] += h
-        numeric = (up - down) / (2 * h)
-        assert abs(float(p.grad[index]) - numeric) <= 5e-3 * abs(numeric) + 1e-9, name
+        check_gradient(loss, params[name], index, h=1e-5, rtol=5e-3, atol=1e-9)
 
 
 @needs_both

@@ -26,7 +26,7 @@ from hilda.models.teacher import (
     pos_interpolation,
     use_official_pos_interpolation,
 )
-from hilda.pipeline.ops import codecs
+from hilda.store import codecs
 
 # --- an independent reference: the official forward, written from facebookresearch/dinov2 ----
 # (vision_transformer.py: prepare_tokens_with_masks, interpolate_pos_encoding, Block, Attention,

@@ -10,7 +10,6 @@ import pytest
 import torch
 import zarr
 
-from hilda.cache import CacheMismatchError
 from hilda.engine import augment
 from hilda.engine.augment import AugmentConfig
 from hilda.engine.checkpoint import (
@@ -23,6 +22,7 @@ from hilda.engine.config_io import load_config
 from hilda.engine.distributed import CpuSyncBatchNorm, sync_batchnorm
 from hilda.engine.sampler import ResumableSampler
 from hilda.errors import ConfigError, HildaError
+from hilda.store.reader import CacheMismatchError
 from hilda.train.config import TrainConfig
 from hilda.train.data import (
     CacheDataset,

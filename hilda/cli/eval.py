@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from hilda.cli.common import fail_cleanly
+from hilda.store import teacher_path
 
 app = typer.Typer(
     help="Evaluate a pre-trained backbone: linear-probe and fine-tune mIoU, RankMe, figures.",
@@ -162,7 +163,7 @@ def teacher_probe_cmd(
     result = run_teacher_probe(
         cfg, str(store), str(val_store), teacher=teacher, out=out, console=console
     )
-    console.print(result_table([{**result, "backbone": f"teacher/{result['teacher']}"}]))
+    console.print(result_table([{**result, "backbone": teacher_path(result["teacher"])}]))
     console.print(f"teacher mIoU {100 * result['miou']:.2f} -> {result['path']}")
 
 

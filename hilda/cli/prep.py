@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hilda.cli.common import fail_cleanly, parse_size
+from hilda.store import teacher_path
 
 app = typer.Typer(
     help="Prepare data: the synthetic world, and the Zarr training cache (stages run on Dask).",
@@ -167,7 +168,7 @@ def validate_cmd(
     store: Annotated[str, typer.Option(help="store path or fsspec URL")],
 ) -> None:
     """Check a Zarr cache against this hilda's store layout; list every problem."""
-    from hilda.data_schemas.validate import validate_store
+    from hilda.store.validate import validate_store
 
     root = validate_store(store)
     groups = sorted(k for k in root.group_keys())
@@ -387,7 +388,7 @@ def extract_teacher_cmd(
             no_worker_timeout=no_worker_timeout,
         ),
     )
-    _report(f"teacher/{cfg.group_name()}", store, summary)
+    _report(teacher_path(cfg.group_name()), store, summary)
 
 
 ForPreset = Annotated[
@@ -551,7 +552,7 @@ def plan_cmd(
 @fail_cleanly
 def info_cmd(store: Store) -> None:
     """Frames, stages complete, bytes per frame per group, teacher provenance, codec fidelity."""
-    from hilda.pipeline.stages.info import TEACHER_SUMMARY_KEYS, store_info
+    from hilda.store.info import TEACHER_SUMMARY_KEYS, store_info
 
     info = store_info(store)
     console.print(
@@ -574,7 +575,7 @@ def info_cmd(store: Store) -> None:
         )
     console.print(table)
     for name, g in info["groups"].items():
-        if not name.startswith("teacher/"):
+        if not name.startswith(teacher_path("")):
             continue
         console.print(f"[bold]{name}[/]")
         for key in TEACHER_SUMMARY_KEYS:

@@ -1,6 +1,5 @@
-"""Typed records and the Zarr store layout shared by every stage."""
+"""Typed records of the frames the dataset readers hand the pipeline."""
 
 from hilda.data_schemas.records import Camera, Frame, RecordError
-from hilda.data_schemas.store import SCHEMA, SCHEMA_VERSION, ArraySpec, GroupSpec
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "ArraySpec", "Camera", "Frame", "GroupSpec", "RecordError"]
+__all__ = ["Camera", "Frame", "RecordError"]

@@ -7,14 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hilda.cache import CacheReader, evenly_spaced
 from hilda.errors import HildaError
+from hilda.store import INDEX, POINTMAPS, POINTS
+from hilda.store.reader import CacheReader, evenly_spaced
 
 
 def read_points(store: str, frames: int | None = None) -> tuple[list[int], list[np.ndarray]]:
     """(frame indices, [(N, 4) float32 points]) of ``frames`` frames evenly spread over the
     cache (all when None)."""
-    reader = CacheReader(store, ["index", "points"])
+    reader = CacheReader(store, [INDEX, POINTS])
     present = [f for f in range(reader.frames) if reader.point_count(f) > 0]  # skipped: empty
     if not present:
         raise HildaError(f"{reader.store}: the cache holds no frame with points")
@@ -48,7 +49,7 @@ def read_camera_view(
 ) -> CameraView:
     """Frame ``frame`` through ``camera`` (default: the store's first camera) with the last
     block of ``teacher`` (default: the store's only teacher)."""
-    reader = CacheReader(store, ["index", "points", "pointmaps"])
+    reader = CacheReader(store, [INDEX, POINTS, POINTMAPS])
     t = reader.teacher(teacher)
     v = 0 if camera is None else _camera_index(reader.cameras, camera, reader.store)
     if not 0 <= frame < reader.frames:
@@ -56,7 +57,7 @@ def read_camera_view(
     token = reader.token(frame)
     block = t.depth - 1
     if block not in t.blocks:
-        raise HildaError(f"{reader.store}: teacher/{t.name}/ does not hold its last block")
+        raise HildaError(f"{reader.store}: {t.path}/ does not hold its last block")
     points, pairs, patches = reader.gather(
         reader.points_reads(frame),
         reader.pairs_reads(frame),

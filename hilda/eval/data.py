@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hilda.cache import evenly_spaced
 from hilda.datasets import open_dataset
 from hilda.datasets import semantickitti as kitti
 from hilda.datasets.classes import COARSE_CLASSES
@@ -33,6 +32,7 @@ from hilda.engine.augment import AugmentConfig
 from hilda.engine.sampler import sample_seed
 from hilda.errors import HildaError
 from hilda.eval.config import NUSCENES_SPLITS, SegDataConfig
+from hilda.store.reader import evenly_spaced
 
 NUSCENES_CLASSES: tuple[str, ...] = COARSE_CLASSES[1:]  # the 16 evaluation classes, 0..15
 IGNORE = -1

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hilda.models.convert import backbone_student_config, backbone_voxel_config, load_backbone
-from hilda.models.student import MinkUNet, build_student
+from hilda.models.student import build_student
 from hilda.models.voxelize import VoxelConfig, voxelize
 
 Init = Literal["pretrained", "random"]
@@ -19,7 +19,7 @@ Init = Literal["pretrained", "random"]
 
 @dataclass
 class Backbone:
-    net: MinkUNet
+    net: nn.Module  # a student (hilda.models.student): MinkUNet34 or PTv3
     voxel: VoxelConfig  # the voxelisation it was pre-trained with
     init: Init
     source: str  # the checkpoint it was loaded from (or shaped after, for "random")
@@ -44,7 +44,7 @@ def build_backbone(
 
 
 def point_features(
-    net: MinkUNet,
+    net: nn.Module,
     voxel: VoxelConfig,
     points: torch.Tensor,
     batch: torch.Tensor,
@@ -88,7 +88,7 @@ class Segmenter(nn.Module):
         self.backbone = backbone.net
         self.voxel = backbone.voxel
         self.frozen = frozen
-        self.head = SegmentationHead(backbone.net.cfg.out_channels, num_classes)
+        self.head = SegmentationHead(backbone.net.cfg.stage_channels[0], num_classes)
         if frozen:
             self.backbone.requires_grad_(False)
 

@@ -20,7 +20,6 @@ import torch
 from rich.console import Console
 
 from hilda.atomic import write_json
-from hilda.cache import CacheReader
 from hilda.engine.config_io import to_dict
 from hilda.engine.distributed import World
 from hilda.engine.fit import Fit
@@ -32,6 +31,8 @@ from hilda.eval.metrics import confusion
 from hilda.eval.probe import feature_epoch, run_fit, scores, seg_loss
 from hilda.eval.segment import SegmentationHead
 from hilda.models.grid import sample_grid
+from hilda.store import INDEX, POINTMAPS, POINTS
+from hilda.store.reader import CacheReader
 
 
 def labelled_teacher_points(
@@ -39,11 +40,11 @@ def labelled_teacher_points(
 ) -> tuple[str, list[torch.Tensor], list[torch.Tensor]]:
     """(teacher group, [(n_i, D) float16 features], [(n_i,) int64 labels]) of every frame of
     the cache that has camera-visible points; its frames must be in ``split``."""
-    reader = CacheReader(store, ["index", "points", "pointmaps"])
+    reader = CacheReader(store, [INDEX, POINTS, POINTMAPS])
     t = reader.teacher(teacher)
     block = t.depth - 1
     if block not in t.blocks:
-        raise HildaError(f"{reader.store}: teacher/{t.name}/ does not hold its last block")
+        raise HildaError(f"{reader.store}: {t.path}/ does not hold its last block")
     by_token = {f.token: f for f in split.frames}
     pair_offsets, sizes = reader.pair_offsets(), reader.image_sizes()
     feats, labels = [], []

@@ -1,7 +1,8 @@
-"""Weight conversion between the MinkowskiEngine and spconv layouts of ``MinkUNet``.
+"""Weight conversion between the MinkowskiEngine and spconv layouts of either student, the
+backbone checkpoint format, and the export of a PTv3 student for Pointcept.
 
-Both backends build the same modules under the same names (``hilda.models.student``); only the
-convolution tensors differ:
+Both backends build the same modules under the same names (``hilda.models.student``,
+``hilda.models.ptv3``); only the convolution tensors differ:
 
 - MinkowskiEngine: ``<name>.kernel`` (K^3, in, out), or (in, out) for K = 1; bias (1, out).
   Kernel offset (i, j, k) (x, y, z, each 0..K-1) is row i + K j + K^2 k.
@@ -12,7 +13,8 @@ convolution tensors differ:
   (checked by the backend-equivalence test, which fails if a release changes it).
 
 The MinkowskiEngine layout is Pointcept's ``MinkUNet34C`` layout, so converting an spconv
-checkpoint to it gives a Pointcept-loadable backbone.
+checkpoint to it gives a Pointcept-loadable backbone. Pointcept's ``PointTransformerV3`` is
+built on spconv, so a PTv3 student is exported in the spconv layout (``pointcept_state``).
 """
 
 from __future__ import annotations
@@ -45,12 +47,17 @@ def _spconv_weight_to_me(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(3, 2, 1, 4, 0).reshape(k**3, cin, cout).contiguous()
 
 
+def _module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
 def minkowski_to_spconv(state: Tensors) -> Tensors:
+    convs = {_module_of(n) for n in state if n.endswith(".kernel")}
     out: Tensors = {}
     for name, value in state.items():
         if name.endswith(".kernel"):
             out[name[: -len("kernel")] + "weight"] = _me_kernel_to_spconv(value)
-        elif name == "final.bias":
+        elif name.endswith(".bias") and _module_of(name) in convs:  # (1, out) -> (out,)
             out[name] = value.reshape(-1).clone()
         else:
             out[name] = value.clone()
@@ -58,11 +65,12 @@ def minkowski_to_spconv(state: Tensors) -> Tensors:
 
 
 def spconv_to_minkowski(state: Tensors) -> Tensors:
+    convs = {_module_of(n) for n, v in state.items() if n.endswith(".weight") and v.ndim == 5}
     out: Tensors = {}
     for name, value in state.items():
         if name.endswith(".weight") and value.ndim == 5:
             out[name[: -len("weight")] + "kernel"] = _spconv_weight_to_me(value)
-        elif name == "final.bias":
+        elif name.endswith(".bias") and _module_of(name) in convs:  # (out,) -> (1, out)
             out[name] = value.reshape(1, -1).clone()
         else:
             out[name] = value.clone()
@@ -75,7 +83,7 @@ def detect_layout(state: Tensors) -> str:
         return "minkowski"
     if any(name.endswith(".weight") and v.ndim == 5 for name, v in state.items()):
         return "spconv"
-    raise ConfigError("not a MinkUNet state dict: no MinkowskiEngine kernels or spconv weights")
+    raise ConfigError("not a student state dict: no MinkowskiEngine kernels or spconv weights")
 
 
 def convert_state(state: Tensors, backend: str) -> Tensors:
@@ -92,6 +100,7 @@ def convert_state(state: Tensors, backend: str) -> Tensors:
 
 BACKBONE_FORMAT = "hilda-backbone"
 BACKBONE_VERSION = 1
+ARCH_NAMES = {"minkunet34": "MinkUNet34C", "ptv3": "PT-v3m1"}  # as Pointcept names them
 _PREFIXES = ("module.", "backbone.", "student.")
 
 
@@ -103,14 +112,16 @@ def save_backbone(model, path, voxel=None) -> Path:
     """
     from dataclasses import asdict
 
+    from hilda.engine.config_io import to_dict
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(model.cfg).items()}
+    cfg = to_dict(model.cfg)
     blob = {
         "format": BACKBONE_FORMAT,
         "version": BACKBONE_VERSION,
-        "arch": "MinkUNet34C",
+        "arch": ARCH_NAMES[model.cfg.arch],
         "layout": "minkowski",
         "config": cfg,
         "state_dict": convert_state(state, "minkowski"),
@@ -164,13 +175,17 @@ def backbone_voxel_config(path):
 def backbone_student_config(path, backend: str | None = None, **overrides):
     """(StudentConfig, state dict) of a checkpoint; ``backend`` defaults to the layout it was
     saved in."""
+    from hilda.engine.config_io import from_dict
     from hilda.models.student import StudentConfig
 
     state, config = read_backbone_state(path)
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    fields = dict(config)
     fields.update(overrides)
     fields["backend"] = backend or fields.get("backend") or detect_layout(state)
-    return StudentConfig(**fields), state
+    try:
+        return from_dict(StudentConfig, fields, "backbone config"), state
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 def load_backbone(path, backend: str | None = None, **overrides):
@@ -182,5 +197,29 @@ def load_backbone(path, backend: str | None = None, **overrides):
     try:
         model.load_state_dict(convert_state(state, cfg.backend))
     except RuntimeError as exc:
-        raise ConfigError(f"{path} does not fit MinkUNet {model.cfg}: {exc}") from exc
+        raise ConfigError(f"{path} does not fit the student {model.cfg}: {exc}") from exc
     return model
+
+
+POINTCEPT_FILE = "pointcept_backbone.pth"
+POINTCEPT_PREFIX = "module.backbone."  # a segmentor's backbone, as Pointcept's loader keys it
+POINTCEPT_LAYOUT = {"minkunet34": "minkowski", "ptv3": "spconv"}  # the library Pointcept uses
+
+
+def pointcept_state(model) -> Tensors:
+    """A student's state dict as Pointcept's own backbone holds it: the same module names, the
+    convolution tensors in the layout of the library Pointcept builds that backbone on
+    (MinkowskiEngine for ``MinkUNet34C``, spconv (out, K, K, K, in) for PT-v3m1)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return convert_state(state, POINTCEPT_LAYOUT[model.cfg.arch])
+
+
+def export_pointcept(model, path) -> Path:
+    """Write ``pointcept_state(model)`` as a Pointcept checkpoint, atomically: ``state_dict``
+    with ``module.backbone.`` keys, which Pointcept's ``CheckpointLoader`` maps onto a
+    segmentor's backbone with ``weight=PATH`` (non-strict: the head is not in it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"{POINTCEPT_PREFIX}{k}": v for k, v in pointcept_state(model).items()}
+    blob = {"state_dict": state, "arch": ARCH_NAMES[model.cfg.arch]}
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp))

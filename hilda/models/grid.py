@@ -38,7 +38,7 @@ def sample_grid(
 
 @dataclass
 class QuantizedGrid:
-    """Teacher patch grids as the int8 codec stores them (``hilda.pipeline.ops.codecs``),
+    """Teacher patch grids as the int8 codec stores them (``hilda.store.codecs``),
     carried to the training device as stored and dequantised there: half the bytes of
     float16 through the loader, and no decoding in its workers."""
 

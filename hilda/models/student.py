@@ -1,4 +1,5 @@
-"""The MinkUNet34 student (Choy et al. 2019; Pointcept's ``MinkUNet34C``) on either sparse backend.
+"""The students: MinkUNet34 (Choy et al. 2019; Pointcept's ``MinkUNet34C``, the default) and
+Point Transformer V3 (``arch: ptv3``, ``hilda.models.ptv3``), each on either sparse backend.
 
 One architecture definition, two op sets (``hilda.models.sparse``): the module names, shapes and
 forward pass are Pointcept's, so a MinkowskiEngine state dict of this model loads into
@@ -13,25 +14,34 @@ block L-k. The final voxel features are returned too, for BEV pooling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from hilda.errors import ConfigError
+from hilda.models.outputs import STAGE_STRIDES, StudentOutput
+from hilda.models.ptv3 import PointTransformerV3, PTv3Config
 from hilda.models.sparse import SparseOps, load_ops
 from hilda.models.voxelize import Voxels, lookup, points_at_stride
+
+__all__ = ["STAGE_STRIDES", "MinkUNet", "StudentConfig", "StudentOutput", "build_student"]
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    backend: str = "minkowski"  # "minkowski" | "spconv"
+    arch: Literal["minkunet34", "ptv3"] = "minkunet34"
+    backend: str = "minkowski"  # "minkowski" | "spconv": the sparse convolutions of either arch
     in_channels: int = 4
+    # MinkUNet34 (arch minkunet34)
     out_channels: int = 96
     init_dim: int = 32
     planes: tuple[int, ...] = (32, 64, 128, 256, 256, 128, 96, 96)
     layers: tuple[int, ...] = (2, 3, 4, 6, 2, 2, 2, 2)
     bn_momentum: float = 0.1
+    # Point Transformer V3 (arch ptv3)
+    ptv3: PTv3Config = field(default_factory=PTv3Config)
 
     def __post_init__(self) -> None:
         if len(self.planes) != 8 or len(self.layers) != 8:
@@ -40,17 +50,9 @@ class StudentConfig:
     @property
     def stage_channels(self) -> tuple[int, ...]:
         """Channels of student layers L, L-1, L-2, L-3."""
+        if self.arch == "ptv3":
+            return self.ptv3.stage_channels
         return (self.out_channels, self.planes[6], self.planes[5], self.planes[4])
-
-
-STAGE_STRIDES = (1, 2, 4, 8)  # of student layers L, L-1, L-2, L-3
-
-
-@dataclass
-class StudentOutput:
-    point_feats: list[torch.Tensor]  # [(N, C_L), (N, C_{L-1}), ...] for layers L, L-1, ...
-    voxel_feats: torch.Tensor  # (M, C_L) final-layer features of the input voxels
-    voxel_coords: torch.Tensor  # (M, 4) int64 [b, x, y, z] of ``voxel_feats`` (stride 1)
 
 
 class BasicBlock(nn.Module):
@@ -169,6 +171,10 @@ class MinkUNet(nn.Module):
         return self.ops.features(stage)[rows]
 
 
-def build_student(cfg: StudentConfig | None = None) -> MinkUNet:
-    """MinkUNet34 as in HilDA Table F2 (defaults), on ``cfg.backend``."""
-    return MinkUNet(cfg or StudentConfig())
+def build_student(cfg: StudentConfig | None = None) -> nn.Module:
+    """The student ``cfg.arch`` on ``cfg.backend``: MinkUNet34 as in HilDA Table F2 (the
+    defaults), or PTv3 with Pointcept's outdoor settings."""
+    cfg = cfg or StudentConfig()
+    if cfg.arch == "ptv3":
+        return PointTransformerV3(cfg)
+    return MinkUNet(cfg)

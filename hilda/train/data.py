@@ -1,6 +1,6 @@
 """Training data from the hilda-prep cache: the compatibility check, the (t-1, t0) sample
 index, a torch Dataset reading one sample's arrays, the resumable distributed sampler and the
-collate that builds the sparse batch. It reads the cache through ``hilda.cache.CacheReader``.
+collate that builds the sparse batch. It reads the cache through ``hilda.store.reader.CacheReader``.
 
 A sample is keyframe t0 with its previous keyframe t-1 (both distilled) and the t+1 occupancy
 of t0 (the diffusion target). Frames without t-1, without a t+1 target, or skipped by a stage
@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hilda.cache import (
+from hilda.engine import augment
+from hilda.engine.sampler import sample_seed
+from hilda.errors import ConfigError, HildaError
+from hilda.models.grid import QuantizedGrid
+from hilda.models.teacher import FAMILY_LABELS, example_source, family_of
+from hilda.pipeline.ops.occupancy import ego_compensate
+from hilda.store import INDEX, OCCUPANCY, POINTMAPS, POINTS
+from hilda.store.reader import (
     CacheMismatchError,
     CacheReader,
     Pairs,
@@ -23,12 +30,6 @@ from hilda.cache import (
     TeacherGroup,
     evenly_spaced,
 )
-from hilda.engine import augment
-from hilda.engine.sampler import sample_seed
-from hilda.errors import ConfigError, HildaError
-from hilda.models.grid import QuantizedGrid
-from hilda.models.teacher import FAMILY_LABELS, example_source, family_of
-from hilda.pipeline.ops.occupancy import ego_compensate
 from hilda.train.config import TrainConfig
 from hilda.train.needs import CacheNeeds, cache_needs
 
@@ -58,9 +59,9 @@ def check_cache(store: str, cfg: TrainConfig) -> CacheInfo:
     """Check the cache against the config before anything trains; every mismatch is a
     CacheMismatchError naming the hilda-prep command that fixes it."""
     needs = cache_needs(cfg)
-    groups = ["index", "points"]
-    groups += ["pointmaps"] if needs.pointmaps else []
-    groups += ["occupancy"] if needs.occupancy else []
+    groups = [INDEX, POINTS]
+    groups += [POINTMAPS] if needs.pointmaps else []
+    groups += [OCCUPANCY] if needs.occupancy else []
     reader = CacheReader(store, groups)
     info: dict = {"store": reader.store, "cameras": len(reader.cameras)}
     if needs.teacher:
@@ -71,7 +72,7 @@ def check_cache(store: str, cfg: TrainConfig) -> CacheInfo:
 
 
 def _check_occupancy(reader: CacheReader, needs: CacheNeeds) -> dict:
-    occ, store = reader.attrs("occupancy"), reader.store
+    occ, store = reader.occupancy_attrs(), reader.store
     grid = occ["grid"][0] if isinstance(occ["grid"], list) else occ["grid"]
     cell = float(occ["cell"])
     if grid != needs.grid or abs(cell - needs.cell) > 1e-6:
@@ -90,7 +91,7 @@ def _check_teacher(reader: CacheReader, cfg: TrainConfig) -> dict:
     if arch is not None and t.arch != arch:
         want, have = FAMILY_LABELS[family_of(arch)], FAMILY_LABELS.get(t.family, t.family)
         raise CacheMismatchError(
-            f"{store}: teacher/{t.name}/ holds {t.model_id} (a {have} {t.arch}, patch "
+            f"{store}: {t.path}/ holds {t.model_id} (a {have} {t.arch}, patch "
             f"{t.patch_size}), the config distils a {want} {arch} teacher: run `hilda-prep "
             f"extract-teacher --store {store} --teacher <a {want} {arch}, e.g. "
             f"{example_source(arch)}> --layers lastK --name {arch}` or pick the preset of that "
@@ -102,7 +103,7 @@ def _check_teacher(reader: CacheReader, cfg: TrainConfig) -> dict:
         and not t.registers
     ):
         raise CacheMismatchError(
-            f"{store}: teacher/{t.name}/ was extracted with transformers' position-embedding "
+            f"{store}: {t.path}/ was extracted with transformers' position-embedding "
             "resizing, which differs from the official DINOv2 features (hilda now reproduces "
             f"the official ones): run `hilda-prep extract-teacher --store {store} --teacher "
             f"{t.model_id} --layers last{len(t.blocks)} --overwrite`"
@@ -114,7 +115,7 @@ def _check_teacher(reader: CacheReader, cfg: TrainConfig) -> dict:
     if missing:
         k = max(t.depth - b for b in wanted.values())
         raise CacheMismatchError(
-            f"{store}: teacher/{t.name}/ holds blocks {list(t.blocks)} of {t.depth}, the config "
+            f"{store}: {t.path}/ holds blocks {list(t.blocks)} of {t.depth}, the config "
             f"distils blocks {sorted(wanted.values())} (missing {missing}): run `hilda-prep "
             f"extract-teacher --store {store} --teacher {t.model_id} --layers last{k} "
             "--overwrite`"
@@ -129,7 +130,7 @@ def teacher_means(info: CacheInfo, frames: np.ndarray, count: int) -> dict[int, 
     edges hold no points, and an all-patch mean would leave a constant in the targets."""
     from hilda.models.grid import sample_grid  # torch-side; imported here to keep data light
 
-    reader = CacheReader(info.store, ["pointmaps"])
+    reader = CacheReader(info.store, [POINTMAPS])
     teacher = info.teacher_group
     pick = frames[evenly_spaced(len(frames), count / max(1, len(frames)))]
     sizes = reader.image_sizes()

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from hilda.atomic import atomic_write, write_json
+from hilda.atomic import write_json
 from hilda.determinism import deterministic_mode
 from hilda.engine.checkpoint import load_latest_checkpoint, previous_path, save_checkpoint
 from hilda.engine.config_io import from_dict, save_config, to_dict
@@ -37,9 +37,9 @@ from hilda.engine.metrics import MetricsLog
 from hilda.engine.optim import total_steps
 from hilda.engine.sampler import ResumableSampler
 from hilda.errors import ConfigError, HildaError
-from hilda.lock import writer_lock
-from hilda.models.convert import convert_state, save_backbone
+from hilda.models.convert import POINTCEPT_FILE, export_pointcept, save_backbone
 from hilda.models.sparse import load_ops
+from hilda.store.lock import writer_lock
 from hilda.train.config import TrainConfig
 from hilda.train.data import (
     Batch,
@@ -315,10 +315,7 @@ def export(model: HildaModel, out: Path) -> Path:
     """``backbone.pt`` (the student alone) and ``pointcept_backbone.pth`` (loads in
     Pointcept as ``weight=...``: ``state_dict`` with ``module.backbone.`` keys)."""
     path = save_backbone(model.student, out / "backbone.pt", voxel=model.cfg.model.voxel)
-    state = {k: v.detach().cpu() for k, v in model.student.state_dict().items()}
-    state = convert_state(state, "minkowski")  # MinkowskiEngine (= Pointcept) layout
-    pointcept = {"state_dict": {f"module.backbone.{k}": v for k, v in state.items()}}
-    atomic_write(out / "pointcept_backbone.pth", lambda tmp: torch.save(pointcept, tmp))
+    export_pointcept(model.student, out / POINTCEPT_FILE)
     return path
 
 

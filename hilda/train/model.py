@@ -65,7 +65,7 @@ class HildaModel(nn.Module):
         if loss.cls:
             pooling = "max" if loss.cls_pooling == "per_image" else loss.cls_pooling
             self.cls_head = ClsHead(channels[0], teacher_dim, m.head, pooling)
-        c = m.student.out_channels
+        c = channels[0]
         self.aux: nn.Module | None = {
             "diffusion": lambda: DiffusionHead(c, m.diffusion),
             "simple": lambda: SimpleOccupancyDecoder(c, m.simple_hidden, m.diffusion.groups),
@@ -78,7 +78,7 @@ class HildaModel(nn.Module):
         (``distill/<i>``, ``aux/noise``, ...) for logging."""
         clouds = 2 * batch.batch_size
         voxels = voxelize(batch.points, batch.cloud, self.cfg.model.voxel)
-        out = self.student(voxels)  # point_feats [(N, 96), (N, 96), (N, 128), (N, 256)]
+        out = self.student(voxels)  # point_feats [(N, C_L), (N, C_{L-1}), ...]
         terms: dict[str, torch.Tensor] = {}
         if self.cfg.loss.distill:
             terms.update(self._distill(out.point_feats, batch, clouds))

@@ -51,6 +51,10 @@ class SparseOps(Protocol):
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor: ...
 
+    def with_features(self, x: SparseTensor, feats: torch.Tensor) -> SparseTensor:
+        """``x``'s coordinates (and cached kernel maps) with new (M, C) features, given in the
+        order of ``coordinates(x)``."""
+
     def features(self, x: SparseTensor) -> torch.Tensor:
         """(M, C) features in the order of ``coordinates(x)``."""
 

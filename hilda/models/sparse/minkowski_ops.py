@@ -71,6 +71,13 @@ class MinkowskiOps:
     def add(self, a, b):
         return a + b
 
+    def with_features(self, x, feats: torch.Tensor):
+        return ME.SparseTensor(
+            feats,
+            coordinate_map_key=x.coordinate_map_key,
+            coordinate_manager=x.coordinate_manager,
+        )
+
     def features(self, x) -> torch.Tensor:
         return x.F
 

@@ -53,7 +53,17 @@ def _one_thread_on_cpu(x: spconv.SparseConvTensor):
 class _OneThreadOnCPU:
     def forward(self, x):
         with _one_thread_on_cpu(x):
-            return super().forward(x)
+            if self.bias is None or x.features.is_cuda:
+                return super().forward(x)
+            # spconv 2.3's CPU kernels refuse a fused bias ("cpu don't support act and bias"):
+            # convolve without it, then add it.
+            bias = self.bias
+            self._parameters["bias"] = None
+            try:
+                out = super().forward(x)
+            finally:
+                self._parameters["bias"] = bias
+            return out.replace_feature(out.features + bias)
 
 
 class _SubMConv3d(_OneThreadOnCPU, spconv.SubMConv3d):
@@ -113,6 +123,9 @@ class SpconvOps:
 
     def add(self, a, b):
         return a.replace_feature(a.features + b.features)
+
+    def with_features(self, x, feats: torch.Tensor):
+        return x.replace_feature(feats)
 
     def features(self, x) -> torch.Tensor:
         return x.features

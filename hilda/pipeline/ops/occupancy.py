@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from hilda.geometry import apply, invert
+from hilda.store.codecs import pack
 
 
 @dataclass(frozen=True)
@@ -105,16 +106,6 @@ def rasterise(points: np.ndarray, plane: np.ndarray, cfg: OccupancyConfig) -> np
     grid = np.zeros((cfg.grid, cfg.grid), dtype=bool)
     grid[row[inside], col[inside]] = True
     return grid
-
-
-def pack(grid: np.ndarray) -> np.ndarray:
-    """(H, W) bool -> (H, W/8) uint8, most significant bit first (np.packbits)."""
-    return np.packbits(grid, axis=-1)
-
-
-def unpack(packed: np.ndarray) -> np.ndarray:
-    """(..., H, W/8) uint8 -> (..., H, W) bool."""
-    return np.unpackbits(packed, axis=-1).astype(bool)
 
 
 def future_occupancy(

@@ -9,26 +9,28 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import zarr
 
-from hilda.data_schemas.records import Frame
-from hilda.data_schemas.store import (
-    DEFAULT_FRAMES_PER_SHARD,
-    INDEX,
-    POINTS,
-    normalize_store,
-    relative_to_root,
-)
 from hilda.datasets import open_dataset
 from hilda.datasets.io import DatasetError, read_lidarseg_labels, read_sweep
 from hilda.errors import HildaError
-from hilda.pipeline.stages.common import (
-    StageOptions,
-    locked_stage,
+from hilda.pipeline.stages.common import StageOptions, locked_stage, stage_client, write_ragged
+from hilda.store.schema import (
+    DEFAULT_FRAMES_PER_SHARD,
+    INDEX,
+    POINTS,
+    POINTS_ATTRS,
+    POINTS_COLUMNS,
+    normalize_store,
+)
+from hilda.store.writer import (
+    done_map,
+    index_arrays,
+    init_store,
+    open_writable,
     prepare_group,
     record_stage,
-    stage_client,
-    write_ragged,
+    stage_config,
+    write_index,
 )
-from hilda.pipeline.store_io import init_store
 
 
 @dataclass(frozen=True)
@@ -43,45 +45,6 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", normalize_store(self.store))
-
-
-def index_arrays(frames: list[Frame], cameras: list[str], root: str) -> dict[str, np.ndarray]:
-    """The index group's arrays for ``frames`` (pure; cameras in store order; file paths
-    relative to the dataset ``root``)."""
-    f, v = len(frames), len(cameras)
-
-    def rel(path: str | None) -> str:
-        return relative_to_root(root, path or "")
-
-    out = {
-        "token": np.array([fr.token for fr in frames], dtype=object),
-        "scene": np.array([fr.scene for fr in frames], dtype=object),
-        "timestamp": np.array([fr.timestamp for fr in frames], dtype=np.int64),
-        "prev": np.array([-1 if fr.prev is None else fr.prev for fr in frames], dtype=np.int32),
-        "next": np.array([-1 if fr.next is None else fr.next for fr in frames], dtype=np.int32),
-        "lidar_path": np.array([rel(fr.lidar_file) for fr in frames], dtype=object),
-        "labels_path": np.array([rel(fr.labels_file) for fr in frames], dtype=object),
-        "lidar_to_ego": np.stack([fr.lidar_to_ego for fr in frames]) if f else np.zeros((0, 4, 4)),
-        "ego_to_global": np.stack([fr.ego_to_global for fr in frames])
-        if f
-        else np.zeros((0, 4, 4)),
-        "cam_intrinsics": np.zeros((f, v, 3, 3)),
-        "cam_to_ego": np.tile(np.eye(4), (f, v, 1, 1)),
-        "cam_ego_to_global": np.tile(np.eye(4), (f, v, 1, 1)),
-        "cam_timestamp": np.full((f, v), -1, dtype=np.int64),
-        "image_size": np.zeros((f, v, 2), dtype=np.int32),
-        "image_path": np.full((f, v), "", dtype=object),
-    }
-    for i, fr in enumerate(frames):
-        for cam in fr.cameras:
-            j = cameras.index(cam.name)
-            out["cam_intrinsics"][i, j] = cam.intrinsics
-            out["cam_to_ego"][i, j] = cam.cam_to_ego
-            out["cam_ego_to_global"][i, j] = cam.ego_to_global
-            out["cam_timestamp"][i, j] = cam.timestamp
-            out["image_size"][i, j] = (cam.width, cam.height)
-            out["image_path"][i, j] = rel(cam.image_file)
-    return out
 
 
 def read_sweeps(
@@ -107,8 +70,8 @@ def _open_or_init(cfg: IndexConfig, options: StageOptions) -> zarr.Group:
     resumed run), a new one when there is none or ``--overwrite``; another config is refused."""
     config = {k: v for k, v in asdict(cfg).items() if k != "store"}
     try:
-        root = zarr.open_group(cfg.store, mode="r+")
-        existing = dict(root.attrs.get("stages", {})).get("index", {}).get("config")
+        root = open_writable(cfg.store)
+        existing = stage_config(root, INDEX.name)
         if options.overwrite or existing is None:
             raise FileNotFoundError
         if existing != config:
@@ -120,7 +83,7 @@ def _open_or_init(cfg: IndexConfig, options: StageOptions) -> zarr.Group:
         root = init_store(
             cfg.store, dataset=cfg.dataset, version=cfg.version, split=cfg.split, overwrite=True
         )
-        record_stage(root, "index", config)
+        record_stage(root, INDEX.name, config)
     return root
 
 
@@ -151,17 +114,15 @@ def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
         "skipped_scenes": dict(sorted(reader.skipped.items())),  # broken links (--skip-bad)
     }
     group = prepare_group(root, INDEX, dims, cfg.frames_per_shard, index_attrs, overwrite=False)
-    if not np.all(group["done"][:]):
-        for name, values in index_arrays(frames, cameras, dataset_root).items():
-            group[name][:] = values
-        group["done"][:] = True
+    if not np.all(done_map(group)):
+        write_index(group, index_arrays(frames, cameras, dataset_root))
 
     points = prepare_group(
         root,
         POINTS,
         {**dims, "P": 0},
         cfg.frames_per_shard,
-        {"columns": ["x", "y", "z", "intensity"], "frame": "lidar"},
+        POINTS_ATTRS,
         overwrite=False,
     )
     paths = [f.lidar_file for f in frames]
@@ -172,7 +133,7 @@ def run_index(cfg: IndexConfig, options: StageOptions) -> dict[str, int]:
             client,
             points,
             store=cfg.store,
-            columns=("data",),
+            columns=POINTS_COLUMNS,
             compute_fn=read_sweeps,
             compute_args=lambda a, b: (paths[a:b], tokens[a:b], labels[a:b]),
             num_frames=len(frames),

@@ -6,21 +6,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import zarr
 
-from hilda.data_schemas.store import OCCUPANCY, dataset_file, normalize_store
+from hilda.errors import FrameError
 from hilda.pipeline.ops.occupancy import OccupancyConfig, future_occupancy
 from hilda.pipeline.stages.common import (
-    FrameError,
-    PointsBlock,
     StageOptions,
     locked_stage,
-    open_for_stage,
-    prepare_group,
-    record_stage,
     run_frame_shards,
     stage_client,
 )
+from hilda.store.reader import (
+    PointsBlock,
+    index_info,
+    open_store,
+    read_index,
+    read_offsets,
+    read_valid,
+)
+from hilda.store.schema import INDEX, OCCUPANCY, POINTS, normalize_store
+from hilda.store.writer import open_for_stage, prepare_group, record_stage, write_frames
 
 
 @dataclass(frozen=True)
@@ -44,14 +48,11 @@ def _future_index(nxt: np.ndarray, f: int, horizon: int) -> int:
 
 def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> dict[str, dict]:
     """Dask task: occupancy of frames [f0, f1); writes exactly one shard of bev and valid."""
-    root = zarr.open_group(cfg.store, mode="r")
-    index = root["index"]
-    nxt = np.asarray(index["next"][:])
-    tokens = np.asarray(index["token"][:])
-    lidar_paths = np.asarray(index["lidar_path"][:])  # relative to index dataset_root
-    lidar_to_ego = np.asarray(index["lidar_to_ego"][:])  # (F, 4, 4): small, read once
-    ego_to_global = np.asarray(index["ego_to_global"][:])
-    offsets = np.asarray(root["points/offsets"][:])
+    root = open_store(cfg.store)
+    index = read_index(root, ("next", "token", "lidar_to_ego", "ego_to_global"))
+    nxt, tokens = index["next"], index["token"]
+    lidar_to_ego, ego_to_global = index["lidar_to_ego"], index["ego_to_global"]  # (F, 4, 4)
+    offsets = read_offsets(root, POINTS)
     occ = cfg.occupancy
     futures = {f: _future_index(nxt, f, occ.horizon) for f in range(f0, f1)}
     wanted = [g for g in futures.values() if g >= 0]
@@ -73,25 +74,22 @@ def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> 
         try:
             bev[f - f0] = future_occupancy(future, transforms, occ, seed=f)
         except ValueError as exc:
-            sweep = dataset_file(str(index.attrs["dataset_root"]), str(lidar_paths[g]))
+            sweep = read_index(root, ("lidar_path",), g, g + 1)["lidar_path"][0]
             msg = f"frame {tokens[f]}: occupancy from {sweep} failed: {exc}"
             if not skip_bad:
                 raise FrameError(msg + "; rerun with --skip-bad to record it as skipped") from None
             bad[f] = msg
             continue
         valid[f - f0] = True
-    group = zarr.open_group(cfg.store, mode="r+", path="occupancy")
-    group["bev"][f0:f1] = bev
-    group["valid"][f0:f1] = valid
+    write_frames(cfg.store, OCCUPANCY.name, f0, f1, {"bev": bev, "valid": valid})
     return {"skipped": bad}
 
 
 @locked_stage("build-occupancy")
 def run_occupancy(cfg: OccupancyStageConfig, options: StageOptions) -> dict[str, int]:
-    root = open_for_stage(cfg.store, require=("index", "points"), builds="occupancy")
-    index = root["index"]
-    num_frames = int(index.attrs["num_frames"])
-    fps = int(index.attrs["frames_per_shard"])
+    root = open_for_stage(cfg.store, require=(INDEX.name, POINTS.name), builds=OCCUPANCY.name)
+    info = index_info(root)
+    num_frames, fps = info.num_frames, info.frames_per_shard
     occ = cfg.occupancy
     dims = {"F": num_frames, "H": occ.grid, "W8": occ.grid // 8}
     group = prepare_group(root, OCCUPANCY, dims, fps, occ.attrs(), overwrite=options.overwrite)
@@ -105,8 +103,8 @@ def run_occupancy(cfg: OccupancyStageConfig, options: StageOptions) -> dict[str,
             frames_per_shard=fps,
             label="occupancy",
         )
-    record_stage(root, "occupancy", asdict(occ))
-    valid = int(np.asarray(group["valid"][:]).sum())
+    record_stage(root, OCCUPANCY.name, asdict(occ))
+    valid = int(read_valid(root).sum())
     return {
         "frames": num_frames,
         "valid": valid,

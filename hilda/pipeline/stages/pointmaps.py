@@ -6,21 +6,22 @@ import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import zarr
 
-from hilda.data_schemas.store import POINTMAPS, normalize_store
 from hilda.errors import HildaError
 from hilda.pipeline.ops.occlusion import OcclusionRule, visible_mask
 from hilda.pipeline.ops.projection import frame_pairs
-from hilda.pipeline.stages.common import (
-    PointsBlock,
-    StageOptions,
-    locked_stage,
-    open_for_stage,
-    prepare_group,
-    record_stage,
-    stage_client,
-    write_ragged,
+from hilda.pipeline.stages.common import StageOptions, locked_stage, stage_client, write_ragged
+from hilda.store.reader import PointsBlock, index_info, open_store, read_index
+from hilda.store.schema import INDEX, POINTMAPS, POINTMAPS_COLUMNS, POINTS, normalize_store
+from hilda.store.writer import open_for_stage, prepare_group, record_stage
+
+CALIBRATION = (
+    "lidar_to_ego",
+    "ego_to_global",
+    "cam_intrinsics",
+    "cam_to_ego",
+    "cam_ego_to_global",
+    "image_size",
 )
 
 MIN_DEPTH = 1.0  # nuscenes-devkit map_pointcloud_to_image
@@ -41,28 +42,17 @@ class _FrameSource:
     """Reads what one frame's pairs need from the store (opened once per task)."""
 
     def __init__(self, store: str, f0: int, f1: int) -> None:
-        root = zarr.open_group(store, mode="r")
+        root = open_store(store)
         self.f0 = f0
         self.points = PointsBlock(root, f0, f1)
-        index = root["index"]
-        self.tokens = np.asarray(index["token"][f0:f1])
-        self.calib = {
-            k: np.asarray(index[k][f0:f1])
-            for k in (
-                "lidar_to_ego",
-                "ego_to_global",
-                "cam_intrinsics",
-                "cam_to_ego",
-                "cam_ego_to_global",
-                "image_size",
-            )
-        }
+        self.tokens = read_index(root, ("token",), f0, f1)["token"]
+        self.calib = read_index(root, CALIBRATION, f0, f1)
 
     def pairs(self, f: int, cfg: PointmapConfig) -> tuple[np.ndarray, ...]:
         i = f - self.f0
         for name, value in self.calib.items():
             if not np.all(np.isfinite(value[i])):  # a damaged store or a hand-edited index
-                raise ValueError(f"index/{name} holds NaN or inf")
+                raise ValueError(f"{INDEX.name}/{name} holds NaN or inf")
         pts = self.points.frame(f)
         visible = functools.partial(visible_mask, rule=cfg.rule) if cfg.occlusion else None
         c = self.calib
@@ -95,11 +85,10 @@ def compute_pairs(cfg: PointmapConfig, f0: int, f1: int) -> list[tuple[np.ndarra
 
 @locked_stage("build-pointmaps")
 def run_pointmaps(cfg: PointmapConfig, options: StageOptions) -> dict[str, int]:
-    root = open_for_stage(cfg.store, require=("index", "points"), builds="pointmaps")
-    index = root["index"]
-    num_frames = int(index.attrs["num_frames"])
-    fps = int(index.attrs["frames_per_shard"])
-    dims = {"F": num_frames, "V": len(index.attrs["cameras"]), "Q": 0}
+    root = open_for_stage(cfg.store, require=(INDEX.name, POINTS.name), builds=POINTMAPS.name)
+    info = index_info(root)
+    num_frames, fps = info.num_frames, info.frames_per_shard
+    dims = {"F": num_frames, "V": len(info.cameras), "Q": 0}
     attrs = {
         "occlusion": cfg.rule.describe() if cfg.occlusion else None,
         "min_depth": MIN_DEPTH,
@@ -113,7 +102,7 @@ def run_pointmaps(cfg: PointmapConfig, options: StageOptions) -> dict[str, int]:
             client,
             group,
             store=cfg.store,
-            columns=("point", "cam", "uv", "depth"),
+            columns=POINTMAPS_COLUMNS,
             compute_fn=compute_pairs,
             compute_args=lambda a, b: (cfg, a, b),
             num_frames=num_frames,
@@ -121,7 +110,7 @@ def run_pointmaps(cfg: PointmapConfig, options: StageOptions) -> dict[str, int]:
             skip_bad=options.skip_bad,
             label="pointmaps",
         )
-    record_stage(root, "pointmaps", {"occlusion": cfg.occlusion, **asdict(cfg.rule)})
+    record_stage(root, POINTMAPS.name, {"occlusion": cfg.occlusion, **asdict(cfg.rule)})
     return {
         "frames": num_frames,
         "pairs": int(offsets[-1]),

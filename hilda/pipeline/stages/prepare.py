@@ -9,13 +9,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hilda.lock import writer_lock
 from hilda.pipeline.runner import ClusterConfig
 from hilda.pipeline.stages.common import StageOptions
 from hilda.pipeline.stages.index import IndexConfig, run_index
 from hilda.pipeline.stages.occupancy import OccupancyStageConfig, run_occupancy
 from hilda.pipeline.stages.pointmaps import PointmapConfig, run_pointmaps
 from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
+from hilda.store import INDEX, OCCUPANCY, POINTMAPS, teacher_path
+from hilda.store.lock import writer_lock
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,11 @@ def run_all(cfg: PrepareConfig, options: StageOptions) -> dict[str, dict[str, An
     lock = writer_lock(cfg.index.store, "hilda-prep all")
     with lock, shared_cluster(options.cluster, cfg.index.store, gpu) as cluster:
         opts = replace(options, cluster=cluster)
-        out = {"index": run_index(cfg.index, opts)}
+        out = {INDEX.name: run_index(cfg.index, opts)}
         if cfg.pointmaps is not None:
-            out["pointmaps"] = run_pointmaps(cfg.pointmaps, opts)
+            out[POINTMAPS.name] = run_pointmaps(cfg.pointmaps, opts)
         if cfg.teacher is not None:
-            out[f"teacher/{cfg.teacher.group_name()}"] = run_teacher(cfg.teacher, opts)
+            out[teacher_path(cfg.teacher.group_name())] = run_teacher(cfg.teacher, opts)
         if cfg.occupancy is not None:
-            out["occupancy"] = run_occupancy(cfg.occupancy, opts)
+            out[OCCUPANCY.name] = run_occupancy(cfg.occupancy, opts)
         return out

@@ -13,9 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 
-from hilda.data_schemas.store import dataset_file, normalize_store, teacher_group
 from hilda.datasets.io import (
     DatasetError,
     check_image_size,
@@ -23,7 +21,7 @@ from hilda.datasets.io import (
     read_image,
     require_file,
 )
-from hilda.errors import ConfigError
+from hilda.errors import ConfigError, FrameError
 from hilda.models.oracle import ORACLE_ID, OracleSpec, OracleTeacher
 from hilda.models.oracle import PATCH as ORACLE_PATCH
 from hilda.models.teacher import (
@@ -35,16 +33,22 @@ from hilda.models.teacher import (
     parse_layers,
     preprocess,
 )
-from hilda.pipeline.ops import codecs
 from hilda.pipeline.stages.common import (
-    FrameError,
     StageOptions,
     locked_stage,
+    run_frame_shards,
+    stage_client,
+)
+from hilda.store import codecs
+from hilda.store.reader import index_info, open_store, read_index
+from hilda.store.schema import INDEX, TEACHERS, normalize_store, teacher_group, teacher_path
+from hilda.store.writer import (
     open_for_stage,
     prepare_group,
     record_stage,
-    run_frame_shards,
-    stage_client,
+    set_attr,
+    write_frames,
+    write_teacher_block,
 )
 
 
@@ -280,7 +284,7 @@ def _write_layers(
 ) -> dict[str, list[float]]:
     """Encode and write each block's (n, V, h, w, D) grids; returns the codec's fidelity over
     the present images per block: [sum of token cosines, tokens, minimum]."""
-    group = zarr.open_group(cfg.store, mode="r+", path=f"teacher/{cfg.group_name()}")
+    path = teacher_path(cfg.group_name())
     stats: dict[str, list[float]] = {}
     rows, cams = (
         (np.array(x, dtype=np.int64) for x in zip(*where, strict=True)) if where else ([], [])
@@ -288,10 +292,7 @@ def _write_layers(
     for layer, block in enumerate(blocks):
         x = feats[:, :, layer]  # (n, V, h, w, D)
         values, scale = codecs.encode(x, cfg.codec)
-        group[f"layer_{block}"][f0:f1] = values
-        if scale is not None:
-            group[f"layer_{block}_scale"][f0:f1] = scale[0]
-            group[f"layer_{block}_token_scale"][f0:f1] = scale[1]
+        write_teacher_block(cfg.store, path, block, f0, f1, values, scale)
         if where:
             decoded = codecs.decode(
                 values[rows, cams],
@@ -308,21 +309,21 @@ def extract_shard(
     """Dask task: features of frames [f0, f1); writes exactly one shard of each array."""
     torch.set_num_threads(threads)
     teacher, info, device = _teacher(cfg)
-    root = zarr.open_group(cfg.store, mode="r")
-    tokens = np.asarray(root["index/token"][f0:f1])
-    paths = _image_paths(root, f0, f1)  # (n, V)
+    root = open_store(cfg.store)
+    index = read_index(root, ("token", "image_path", "image_size"), f0, f1)
+    tokens, paths = index["token"], index["image_path"]  # (n,), (n, V) ("" = no image)
     width, height = cfg.image_size
     n, v = paths.shape
     p = info.patch_size
     k, h, w, dim = len(teacher.blocks), height // p, width // p, info.dim
-    sizes = np.asarray(root["index/image_size"][f0:f1])  # (n, V, 2) width, height
+    sizes = index["image_size"]  # (n, V, 2) width, height
     decoded = _decode(cfg, tokens, paths, sizes, f0, skip_bad, threads, device)
     feats = np.zeros((n, v, k, h, w, dim), dtype=np.float32)  # skipped frames stay zero
     cls = np.zeros((n, v, k, dim), dtype=np.float32)
     for (i, j), (p, c) in zip(decoded.where, _forward(cfg, teacher, device, decoded), strict=True):
         feats[i, j], cls[i, j] = p, c
     stats = _write_layers(cfg, teacher.blocks, feats, decoded.where, f0, f1)
-    zarr.open_group(cfg.store, mode="r+", path=f"teacher/{cfg.group_name()}")["cls"][f0:f1] = cls
+    write_frames(cfg.store, teacher_path(cfg.group_name()), f0, f1, {"cls": cls})
     return {"skipped": decoded.skipped, "stats": stats}
 
 
@@ -331,8 +332,8 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     """The extract-teacher stage: patch features and CLS tokens of every camera image."""
     info = teacher_info(cfg.teacher)
     _check_options(cfg, info.patch_size)
-    builds = f"teacher/{cfg.group_name()}"
-    root = open_for_stage(cfg.store, require=("index",), builds=builds)
+    builds = teacher_path(cfg.group_name())
+    root = open_for_stage(cfg.store, require=(INDEX.name,), builds=builds)
     if info.arch == ORACLE_ID:
         _require_class_maps(root)
     if info.random_init:
@@ -345,25 +346,16 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
             "Recorded as such in the store.[/]"
         )
     blocks = parse_layers(cfg.layers, info.depth)
-    index = root["index"]
-    num_frames = int(index.attrs["num_frames"])
-    fps = int(index.attrs["frames_per_shard"])
+    index = index_info(root)
+    num_frames, fps = index.num_frames, index.frames_per_shard
     dtype = codecs.storage_dtype(cfg.codec)
     attrs = _group_attrs(cfg, info, blocks, dtype)
     width, height = cfg.image_size
-    dims = {"F": num_frames, "V": len(index.attrs["cameras"])}
+    dims = {"F": num_frames, "V": len(index.cameras)}
     dims |= {"h": height // info.patch_size, "w": width // info.patch_size, "D": info.dim}
-    root.require_group("teacher")
+    root.require_group(TEACHERS)
     spec = teacher_group(cfg.group_name(), blocks, dtype)
-    # float16 features are stored uncompressed: zstd saves ~8% of their bytes but makes each
-    # read ~2.5x slower (docs/benchmarks.md), and the trainer reads every stored grid of two
-    # frames per sample. The bitround codec exists to be compressed.
-    compressors = {f"layer_{b}": None for b in blocks} if cfg.codec == "float16" else None
-    if cfg.codec == "int8":  # zstd keeps 0.99 of int8 grids' bytes: uncompressed reads faster
-        names = [f"layer_{b}{part}" for b in blocks for part in ("", "_scale", "_token_scale")]
-        compressors = dict.fromkeys(names)
-    if cfg.codec == "bitround":
-        compressors = {f"layer_{b}": codecs.bitround_compressor() for b in blocks}
+    compressors = codecs.teacher_compressors(cfg.codec, blocks)
     group = prepare_group(
         root, spec, dims, fps, attrs, overwrite=options.overwrite, compressors=compressors
     )
@@ -383,8 +375,8 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
             resources=resources,
         )
     fidelity = codec_fidelity(group.attrs.get("shard_stats", {}))
-    group.attrs["codec_fidelity"] = fidelity
-    record_stage(root, f"teacher/{cfg.group_name()}", {**attrs, "layers": cfg.layers})
+    set_attr(group, "codec_fidelity", fidelity)
+    record_stage(root, builds, {**attrs, "layers": cfg.layers})
     return {
         "frames": num_frames,
         "blocks": blocks,
@@ -453,19 +445,12 @@ def codec_fidelity(shard_stats: dict[str, dict[str, list[float]]]) -> dict[str, 
     return fidelity
 
 
-def _image_paths(root: zarr.Group, f0: int, f1: int) -> np.ndarray:
-    """(n, V) the camera images of frames [f0, f1), as paths ("" = no image)."""
-    base = str(root["index"].attrs["dataset_root"])
-    stored = np.asarray(root["index/image_path"][f0:f1])
-    return np.vectorize(lambda p: dataset_file(base, str(p)), otypes=[object])(stored)
-
-
-def _require_class_maps(root: zarr.Group) -> None:
+def _require_class_maps(root) -> None:
     """The oracle needs the synthetic world's class maps: refuse other datasets up front,
     naming the first image without one."""
     from hilda.datasets.io import class_map_path
 
-    paths = _image_paths(root, 0, 1).ravel()
+    paths = read_index(root, ("image_path",), 0, 1)["image_path"].ravel()
     first = next((str(p) for p in paths if p), None)
     if first is not None and not os.path.isfile(class_map_path(first)):
         raise ConfigError(

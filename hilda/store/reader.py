@@ -3,7 +3,7 @@
 ``CacheReader`` opens a store, checks its schema and that the groups it needs are complete and
 valid, picks a teacher group, and reads per-frame arrays through typed accessors. The trainer's
 dataset, the teacher centring, the evaluation, the figures and the benchmarks all read through
-it; ``hilda.data_schemas.store`` is the layout it reads.
+it; ``hilda.store.schema`` is the layout it reads.
 
 Every Zarr read costs a few milliseconds whatever its size (a round trip through Zarr's event
 loop), so the reader (1) opens each array once per process and keeps it, (2) reads the small
@@ -23,26 +23,29 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from hilda.data_schemas.store import (
+from hilda.errors import HildaError
+from hilda.store import codecs
+from hilda.store.codecs import unpack
+from hilda.store.schema import (
+    INDEX,
+    OCCUPANCY,
     PATH_ARRAYS,
+    POINTS,
     SCHEMA,
     SCHEMA_VERSION,
+    GroupSpec,
     dataset_file,
     normalize_store,
+    stage_command,
+    teacher_path,
 )
-from hilda.data_schemas.validate import validate_store
-from hilda.errors import HildaError
-from hilda.models.teacher import SIZES, family_of
-from hilda.pipeline.ops import codecs
-from hilda.pipeline.ops.occupancy import unpack
+from hilda.store.validate import validate_store
 
-STAGE_COMMANDS = {
-    "index": "hilda-prep index",
-    "points": "hilda-prep index",
-    "pointmaps": "hilda-prep build-pointmaps",
-    "occupancy": "hilda-prep build-occupancy",
-    "teacher": "hilda-prep extract-teacher",
-}
+Group = GroupSpec | str  # a group of the layout, or its path (``teacher/<name>``)
+
+
+def _path(group: Group) -> str:
+    return group if isinstance(group, str) else group.name
 
 
 class CacheMismatchError(HildaError):
@@ -64,6 +67,11 @@ class TeacherGroup:
     pos_embed_interpolation: str
     family: str = "dinov2"  # dinov2 | dinov3 | oracle (caches before DINOv3: dinov2)
     patch_size: int = 14
+
+    @property
+    def path(self) -> str:
+        """Where it lives in the store (for messages)."""
+        return teacher_path(self.name)
 
     def cls_index(self, block: int) -> int:
         """Index of ``block``'s CLS token in ``cls`` (F, V, K, D)."""
@@ -87,7 +95,7 @@ class CacheReader:
     (``teacher/<name>`` is checked by ``teacher()``). Handles are reopened in a forked
     process (a DataLoader worker must not reuse its parent's)."""
 
-    def __init__(self, store: str, require: Sequence[str] = ("index", "points")) -> None:
+    def __init__(self, store: str, require: Sequence[Group] = (INDEX, POINTS)) -> None:
         self.store = normalize_store(store)
         self._attrs_cache: dict[str, str] = {}
         self._pid = -1
@@ -102,7 +110,7 @@ class CacheReader:
             )
         for group in require:
             self.require(group)
-        validate_store(self.store, require=list(require))
+        validate_store(self.store, require=[_path(g) for g in require])
         self.cameras: list[str] = list(root["index"].attrs["cameras"])
         self.frames = int(root["index/token"].shape[0])
 
@@ -123,13 +131,22 @@ class CacheReader:
             self._small: dict[str, np.ndarray] = {}
         return self._root
 
-    def attrs(self, group: str) -> dict[str, Any]:
-        return dict(self.root[group].attrs)
+    def attrs(self, group: Group) -> dict[str, Any]:
+        return dict(self.root[_path(group)].attrs)
 
-    def require(self, group: str) -> None:
+    def occupancy_attrs(self) -> dict[str, Any]:
+        """How the occupancy targets were built (grid, cell, range, horizon, ground rule)."""
+        return self.attrs(OCCUPANCY)
+
+    def teacher_attrs(self, name: str) -> dict[str, Any]:
+        """Provenance of teacher group ``name`` (model, blocks, image size, codec, ...)."""
+        return self.attrs(teacher_path(name))
+
+    def require(self, group: Group) -> None:
         """``group`` exists and every shard of it is complete, or a CacheMismatchError naming
         the command that builds it."""
-        command = STAGE_COMMANDS[group.split("/")[0]]
+        group = _path(group)
+        command = stage_command(group)
         if group not in self.root:
             raise CacheMismatchError(
                 f"{self.store}: the cache has no {group}/; run `{command} --store "
@@ -179,10 +196,11 @@ class CacheReader:
         self.require(f"teacher/{name}")
         t = self.attrs(f"teacher/{name}")
         arch_name = str(t.get("arch"))
-        depth = t.get("depth", SIZES[arch_name].depth if arch_name in SIZES else None)
-        if depth is None:
+        depth = t.get("depth")
+        if depth is None:  # every teacher group since schema 1's first release records it
             raise CacheMismatchError(
-                f"{self.store}: teacher/{name}/ has unknown arch {arch_name!r}"
+                f"{self.store}: teacher/{name}/ does not record its model's depth; rebuild it "
+                f"with `hilda-prep extract-teacher --overwrite`"
             )
         return TeacherGroup(
             name=name,
@@ -194,7 +212,8 @@ class CacheReader:
             int8=t.get("storage_dtype") == "int8",
             registers=int(t.get("registers", 0) or 0),
             pos_embed_interpolation=str(t.get("pos_embed_interpolation", "")),
-            family=str(t.get("family", family_of(arch_name))),
+            # Groups from before the family attribute hold a DINOv2 ViT or the oracle.
+            family=str(t.get("family", "oracle" if arch_name == "oracle" else "dinov2")),
             patch_size=int(t.get("patch_size", 14)),
         )
 
@@ -379,3 +398,71 @@ def evenly_spaced(n: int, fraction: float) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     k = min(n, max(1, round(n * fraction)))
     return np.unique(np.round(np.linspace(0, n - 1, k)).astype(np.int64))
+
+
+class PointsBlock:
+    """The points of frames [f0, f1), read from the store in one contiguous slice (a task's
+    frames are contiguous, so this is one read instead of one per frame)."""
+
+    def __init__(self, root: zarr.Group, f0: int, f1: int) -> None:
+        self.f0 = f0
+        group = root[POINTS.name]
+        self.offsets = np.asarray(group["offsets"][f0 : f1 + 1])
+        self.data = np.asarray(group["data"][self.offsets[0] : self.offsets[-1]])
+
+    def frame(self, f: int) -> np.ndarray:
+        """(N, 4) float32 points of frame f."""
+        i = f - self.f0
+        return self.data[self.offsets[i] - self.offsets[0] : self.offsets[i + 1] - self.offsets[0]]
+
+
+# -- the stages' reads (an open root group, one frame shard at a time) ---------------------------
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    num_frames: int
+    frames_per_shard: int
+    cameras: list[str]
+    dataset_root: str
+
+
+def open_store(store: str) -> zarr.Group:
+    """The store's root group, read-only."""
+    return zarr.open_group(store, mode="r")
+
+
+def index_info(root: zarr.Group) -> IndexInfo:
+    attrs = root[INDEX.name].attrs
+    return IndexInfo(
+        num_frames=int(attrs["num_frames"]),
+        frames_per_shard=int(attrs["frames_per_shard"]),
+        cameras=list(attrs["cameras"]),
+        dataset_root=str(attrs["dataset_root"]),
+    )
+
+
+def read_index(
+    root: zarr.Group, fields: Sequence[str], f0: int = 0, f1: int | None = None
+) -> dict[str, np.ndarray]:
+    """Index arrays ``fields`` (names of ``INDEX``'s arrays) of frames [f0, f1); the file
+    paths (``PATH_ARRAYS``) resolved against the index's dataset root ("" = no file)."""
+    group = root[INDEX.name]
+    base = str(group.attrs["dataset_root"])
+    resolve = np.vectorize(lambda p: dataset_file(base, str(p)), otypes=[object])
+    out = {}
+    for name in fields:
+        INDEX.array(name)  # KeyError naming the group for an unknown field
+        values = np.asarray(group[name][f0:f1])
+        out[name] = resolve(values) if name in PATH_ARRAYS and values.size else values
+    return out
+
+
+def read_offsets(root: zarr.Group, spec: GroupSpec) -> np.ndarray:
+    """(F+1,) row offsets of a ragged group (``POINTS``, ``POINTMAPS``)."""
+    return np.asarray(root[spec.name]["offsets"][:])
+
+
+def read_valid(root: zarr.Group) -> np.ndarray:
+    """(F,) bool: the frames with a t+1 occupancy target."""
+    return np.asarray(root[OCCUPANCY.name]["valid"][:], dtype=bool)

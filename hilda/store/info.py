@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hilda.data_schemas.validate import validate_store
+from hilda.store.schema import INDEX, OCCUPANCY, POINTMAPS, POINTS, TEACHERS, teacher_path
+from hilda.store.validate import validate_store
 
 # Teacher-group attrs that say which features a cache holds (printed by `hilda-prep info`).
 TEACHER_SUMMARY_KEYS = (
@@ -38,7 +39,7 @@ def _group_bytes(group: zarr.Group) -> int:
 
 def store_info(store: str) -> dict[str, Any]:
     root = validate_store(store)
-    index = root["index"]
+    index = root[INDEX.name]
     frames = int(index.attrs["num_frames"])
     out: dict[str, Any] = {
         "store": store,
@@ -50,11 +51,11 @@ def store_info(store: str) -> dict[str, Any]:
         "cameras": list(index.attrs["cameras"]),
         "groups": {},
     }
-    groups = [("index", index)] + [
-        (n, root[n]) for n in ("points", "pointmaps", "occupancy") if n in root
+    groups = [(INDEX.name, index)] + [
+        (n, root[n]) for n in (POINTS.name, POINTMAPS.name, OCCUPANCY.name) if n in root
     ]
-    if "teacher" in root:
-        groups += [(f"teacher/{n}", g) for n, g in root["teacher"].groups()]
+    if TEACHERS in root:
+        groups += [(teacher_path(n), g) for n, g in root[TEACHERS].groups()]
     for name, group in groups:
         done = np.asarray(group["done"][:]) if "done" in group else np.array([True])
         entry: dict[str, Any] = {
@@ -63,18 +64,18 @@ def store_info(store: str) -> dict[str, Any]:
             "bytes_per_frame": _group_bytes(group) / max(frames, 1),
             "skipped": len(group.attrs.get("skipped", {})),
         }
-        if name.startswith("teacher/"):
+        if name.startswith(teacher_path("")):
             attrs = dict(group.attrs)
             entry.update({k: attrs.get(k) for k in TEACHER_SUMMARY_KEYS})
             entry["fidelity"] = {
                 layer: {"mean_cos": round(v["mean_cos"], 6), "min_cos": round(v["min_cos"], 6)}
                 for layer, v in attrs.get("codec_fidelity", {}).items()
             }
-        if name == "occupancy":
+        if name == OCCUPANCY.name:
             entry["valid"] = int(np.asarray(group["valid"][:]).sum())
-        if name == "pointmaps":
+        if name == POINTMAPS.name:
             entry["pairs"] = int(group["offsets"][-1])
-        if name == "points":
+        if name == POINTS.name:
             entry["points"] = int(group["offsets"][-1])
         out["groups"][name] = entry
     return out

@@ -1,4 +1,5 @@
-"""Storage codecs for teacher features, and their measured fidelity. Pure numpy.
+"""Storage codecs of the cache: teacher features (and their measured fidelity) and the
+bit-packed BEV occupancy. Pure numpy.
 
 - ``float16``: the default; relative error ~5e-4 per value.
 - ``bitround``: float32 with the mantissa rounded to ``BITROUND_KEEPBITS`` bits by numcodecs'
@@ -16,6 +17,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 CODECS = ("float16", "bitround", "int8")
@@ -27,6 +30,22 @@ def bitround_compressor():
     from zarr.codecs import BloscCodec
 
     return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def teacher_compressors(codec: str, blocks: list[int]) -> dict[str, Any] | None:
+    """Compressors of a teacher group's grids per codec (None: zarr's default). float16 and
+    int8 grids are stored uncompressed: zstd saves ~8% of float16's bytes (1% of int8's) but
+    makes each read ~2.5x slower (docs/benchmarks.md), and the trainer reads every stored
+    grid of two frames per sample. The bitround codec exists to be compressed."""
+    from hilda.store.schema import INT8_SCALES, layer_array
+
+    if codec == "float16":
+        return {layer_array(b): None for b in blocks}
+    if codec == "int8":
+        return {layer_array(b, part): None for b in blocks for part in ("", *INT8_SCALES)}
+    if codec == "bitround":
+        return {layer_array(b): bitround_compressor() for b in blocks}
+    return None
 
 
 def storage_dtype(codec: str) -> str:
@@ -74,3 +93,14 @@ def token_cosines(reference: np.ndarray, decoded: np.ndarray) -> np.ndarray:
     b = decoded.reshape(-1, decoded.shape[-1]).astype(np.float64)
     denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return np.sum(a * b, axis=1) / np.maximum(denom, 1e-30)
+
+
+def pack(grid: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> (H, W/8) uint8, most significant bit first (np.packbits): the stored
+    form of ``occupancy/bev``."""
+    return np.packbits(grid, axis=-1)
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """(..., H, W/8) uint8 -> (..., H, W) bool."""
+    return np.unpackbits(packed, axis=-1).astype(bool)

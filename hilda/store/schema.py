@@ -56,7 +56,7 @@ class ArraySpec:
         return tuple(resolve_dim(d, dims) for d in self.shape)
 
 
-# Attribute of a group being created (hilda.pipeline.store_io.create_group); present only in
+# Attribute of a group being created (hilda.store.writer.create_group); present only in
 # a group whose creation was cut short.
 BUILDING = "_building"
 
@@ -128,6 +128,10 @@ POINTS = GroupSpec(
     required_attrs=("columns", "frame"),
 )
 
+POINTS_COLUMNS = ("data",)  # the ragged arrays a stage writes
+POINTS_ATTRS = {"columns": ["x", "y", "z", "intensity"], "frame": "lidar"}
+POINTMAPS_COLUMNS = ("point", "cam", "uv", "depth")
+
 POINTMAPS = GroupSpec(
     name="pointmaps",
     arrays=(
@@ -154,19 +158,36 @@ TEACHER_ATTRS = (
 )
 
 
+TEACHERS = "teacher"  # the group holding one subgroup per extracted teacher
+
+
+def teacher_path(name: str) -> str:
+    """The store path of teacher group ``name``."""
+    return f"{TEACHERS}/{name}"
+
+
+def layer_array(block: int, part: str = "") -> str:
+    """Name of a teacher block's grid (``part`` "": the values; "_scale", "_token_scale": an
+    int8 grid's channel and token scales)."""
+    return f"layer_{block}{part}"
+
+
+INT8_SCALES = ("_scale", "_token_scale")
+
+
 def teacher_group(name: str, blocks: Iterable[int], dtype: str = "float16") -> GroupSpec:
     """Spec of ``teacher/<name>`` for the given stored block indices and storage dtype
     (float16, float32 for bit-rounded features, or int8 with per-channel ``_scale`` arrays)."""
     blocks = tuple(blocks)
-    arrays = tuple(ArraySpec(f"layer_{k}", dtype, ("F", "V", "h", "w", "D")) for k in blocks)
+    arrays = tuple(ArraySpec(layer_array(k), dtype, ("F", "V", "h", "w", "D")) for k in blocks)
     if dtype == "int8":
         for k in blocks:
             arrays += (
-                ArraySpec(f"layer_{k}_scale", "float32", ("F", "V", "D")),
-                ArraySpec(f"layer_{k}_token_scale", "float32", ("F", "V", "h", "w")),
+                ArraySpec(layer_array(k, "_scale"), "float32", ("F", "V", "D")),
+                ArraySpec(layer_array(k, "_token_scale"), "float32", ("F", "V", "h", "w")),
             )
     arrays += (ArraySpec("cls", "float32", ("F", "V", len(blocks), "D")),)
-    return GroupSpec(name=f"teacher/{name}", arrays=arrays, required_attrs=TEACHER_ATTRS)
+    return GroupSpec(name=teacher_path(name), arrays=arrays, required_attrs=TEACHER_ATTRS)
 
 
 OCCUPANCY = GroupSpec(

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hilda.data_schemas.store import (
+from hilda.errors import HildaError
+from hilda.store.schema import (
     INDEX,
     ROOT_ATTRS,
     SCHEMA,
@@ -25,7 +26,6 @@ from hilda.data_schemas.store import (
     stage_command,
     teacher_group,
 )
-from hilda.errors import HildaError
 
 
 class StoreValidationError(HildaError):
