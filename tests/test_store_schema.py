@@ -94,3 +94,28 @@ def test_layout_chunks_one_frame_and_shards() -> None:
     ragged = array_layout(POINTS.array("data"), {"F": 100, "P": 3_000_000}, 32)
     assert ragged["chunks"][0] == 1 << 16 and ragged["shards"][0] % ragged["chunks"][0] == 0
     assert np.dtype(array_layout(INDEX.array("token"), {"F": 3}, 32)["dtype"]).kind == "U"
+
+
+def test_the_store_package_owns_the_format() -> None:
+    """Only ``hilda.store`` knows the store's paths, and it depends on nothing above it: no
+    module outside it holds a store path string, none inside imports pipeline, train, models,
+    eval or cli."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "hilda"
+    groups = ("index", "points", "pointmaps", "occupancy", "teacher", "_staging")
+    above = ("hilda.pipeline", "hilda.train", "hilda.models", "hilda.eval", "hilda.cli")
+    paths, imports = [], []
+    for file in sorted(package.rglob("*.py")):
+        inside = file.parent.name == "store"
+        tree = ast.parse(file.read_text())
+        for node in ast.walk(tree):
+            if inside and isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                imports += [f"{file.name}: {n}" for n in names if n.startswith(above)]
+            if not inside and isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value.startswith(tuple(f"{g}/" for g in groups)):
+                    paths.append(f"{file.relative_to(package)}:{node.lineno} {node.value!r}")
+    assert not paths, paths
+    assert not imports, imports

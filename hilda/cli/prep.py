@@ -138,7 +138,7 @@ def frames_cmd(
                 labels.update({int(c): int(k) for c, k in enumerate(np.bincount(lab)) if k})
         per_scene.setdefault(f.scene, []).append(n)
     table = Table(title=f"{dataset} {root} ({version if dataset == 'nuscenes' else split})")
-    for col in ("scene", "keyframes", "points/sweep", "cameras"):
+    for col in ("scene", "keyframes", "points per sweep", "cameras"):
         table.add_column(col)
     cams_by_scene = {f.scene: len(f.cameras) for f in frames}
     for scene, counts in per_scene.items():
