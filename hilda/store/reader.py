@@ -410,6 +410,11 @@ class PointsBlock:
         self.offsets = np.asarray(group["offsets"][f0 : f1 + 1])
         self.data = np.asarray(group["data"][self.offsets[0] : self.offsets[-1]])
 
+    def count(self, f: int) -> int:
+        """Points of frame f."""
+        i = f - self.f0
+        return int(self.offsets[i + 1] - self.offsets[i])
+
     def frame(self, f: int) -> np.ndarray:
         """(N, 4) float32 points of frame f."""
         i = f - self.f0

@@ -20,7 +20,6 @@ from hilda.store.reader import (
     index_info,
     open_store,
     read_index,
-    read_offsets,
     read_valid,
 )
 from hilda.store.schema import INDEX, OCCUPANCY, POINTS, normalize_store
@@ -36,26 +35,40 @@ class OccupancyStageConfig:
         object.__setattr__(self, "store", normalize_store(self.store))
 
 
-def _future_index(nxt: np.ndarray, f: int, horizon: int) -> int:
-    """Index of the keyframe ``horizon`` steps after f, or -1."""
-    g = f
-    for _ in range(horizon):
-        g = int(nxt[g])
-        if g < 0:
-            return -1
-    return g
+def _futures(root, f0: int, f1: int, horizon: int, frames: int) -> dict[int, int]:
+    """Frame f -> the keyframe ``horizon`` steps after it (-1: none), for f in [f0, f1).
+    Reads ``next`` around the shard only (a scene's keyframes are consecutive rows, so the
+    futures lie within ``horizon`` rows of it); a pointer that leaves that window costs one
+    more small read. A task's reads do not grow with the store (34k frames: 1k shards)."""
+    hi = min(frames, f1 + horizon)
+    window = read_index(root, ("next",), f0, hi)["next"]
+
+    def after(g: int) -> int:
+        if f0 <= g < hi:
+            return int(window[g - f0])
+        return int(read_index(root, ("next",), g, g + 1)["next"][0])
+
+    out = {}
+    for f in range(f0, f1):
+        g = f
+        for _ in range(horizon):
+            g = after(g)
+            if g < 0:
+                break
+        out[f] = g
+    return out
 
 
 def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> dict[str, dict]:
     """Dask task: occupancy of frames [f0, f1); writes exactly one shard of bev and valid."""
     root = open_store(cfg.store)
-    index = read_index(root, ("next", "token", "lidar_to_ego", "ego_to_global"))
-    nxt, tokens = index["next"], index["token"]
-    lidar_to_ego, ego_to_global = index["lidar_to_ego"], index["ego_to_global"]  # (F, 4, 4)
-    offsets = read_offsets(root, POINTS)
     occ = cfg.occupancy
-    futures = {f: _future_index(nxt, f, occ.horizon) for f in range(f0, f1)}
+    futures = _futures(root, f0, f1, occ.horizon, index_info(root).num_frames)
     wanted = [g for g in futures.values() if g >= 0]
+    lo, hi = min([f0, *wanted]), max([f1, *(g + 1 for g in wanted)])  # rows this shard reads
+    index = read_index(root, ("token", "lidar_to_ego", "ego_to_global"), lo, hi)
+    tokens = index["token"]  # (hi - lo,) rows of [lo, hi)
+    lidar_to_ego, ego_to_global = index["lidar_to_ego"], index["ego_to_global"]  # (n, 4, 4)
     points = PointsBlock(root, min(wanted), max(wanted) + 1) if wanted else None
     bev = np.zeros((f1 - f0, occ.grid, occ.grid // 8), dtype=np.uint8)
     valid = np.zeros(f1 - f0, dtype=bool)
@@ -64,18 +77,18 @@ def build_shard(cfg: OccupancyStageConfig, f0: int, f1: int, skip_bad: bool) -> 
         g = futures[f]
         if g < 0 or points is None:
             continue
-        if offsets[g + 1] == offsets[g]:
+        i, j = f - lo, g - lo
+        if points.count(g) == 0:
             bad[f] = (
-                f"frame {tokens[f]}: its t+{occ.horizon} frame {tokens[g]} has no points (skipped)"
+                f"frame {tokens[i]}: its t+{occ.horizon} frame {tokens[j]} has no points (skipped)"
             )
             continue
-        future = points.frame(g)
-        transforms = (lidar_to_ego[g], ego_to_global[g], lidar_to_ego[f], ego_to_global[f])
+        transforms = (lidar_to_ego[j], ego_to_global[j], lidar_to_ego[i], ego_to_global[i])
         try:
-            bev[f - f0] = future_occupancy(future, transforms, occ, seed=f)
+            bev[f - f0] = future_occupancy(points.frame(g), transforms, occ, seed=f)
         except ValueError as exc:
             sweep = read_index(root, ("lidar_path",), g, g + 1)["lidar_path"][0]
-            msg = f"frame {tokens[f]}: occupancy from {sweep} failed: {exc}"
+            msg = f"frame {tokens[i]}: occupancy from {sweep} failed: {exc}"
             if not skip_bad:
                 raise FrameError(msg + "; rerun with --skip-bad to record it as skipped") from None
             bad[f] = msg
