@@ -60,21 +60,22 @@ TEACHERS = {
         teacher="oracle", layers="last2", image_size=(448, 224), name="oracle", codec="float16"
     ),
 }
-# run name -> (teacher cache, pre-training preset): the tiny MinkUNet34 with both teachers,
-# and the tiny PTv3 from the oracle (the same cache: the student does not enter it).
-RUNS = {
-    "dinov2": ("dinov2", "tiny_cpu"),
-    "oracle": ("oracle", "tiny_cpu"),
-    "oracle_ptv3": ("oracle", "tiny_cpu_ptv3"),
-}
 STEPS = 96
+# run name -> (teacher cache, pre-training preset, steps): the tiny MinkUNet34 with both
+# teachers, and the tiny PTv3 from the oracle (the same cache: the student does not enter it)
+# for half the steps (a step costs more), which its recorded margin was measured at.
+RUNS = {
+    "dinov2": ("dinov2", "tiny_cpu", STEPS),
+    "oracle": ("oracle", "tiny_cpu", STEPS),
+    "oracle_ptv3": ("oracle", "tiny_cpu_ptv3", STEPS // 2),
+}
 SEEDS = (0, 1, 2)  # probe seeds
 # mIoU by which the mean of the pre-trained probes beats the mean of the random-init ones:
 # below the smallest gain over the pre-training seeds measured, with room (docs/notes.md).
-# The PTv3 student's smallest gain over 3 pre-training seeds was +15.2 points (random-init
-# PTv3 probes 23.1 on average: a random transformer's features already separate classes
+# The PTv3 student's smallest gain over 3 pre-training seeds was +10.15 points (random-init
+# PTv3 probes 24.5 on average: a random transformer's features already separate classes
 # better than a random MinkUNet's 15.7).
-MEAN_GAIN = {"dinov2": 0.01, "oracle": 0.10, "oracle_ptv3": 0.08}
+MEAN_GAIN = {"dinov2": 0.01, "oracle": 0.10, "oracle_ptv3": 0.05}
 # The same for one probe seed (0, the table's): the oracle student's row in ``hilda-eval table``.
 TABLE_GAIN = 0.10
 ORACLE_FRACTION = 0.45  # of the oracle's own probe mIoU at the LiDAR points (probe mean)
@@ -133,7 +134,7 @@ def runs(world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
                     "--set",
                     f"run.deterministic={THREADS == 0}",
                     "--set",
-                    f"optim.max_steps={STEPS}",
+                    f"optim.max_steps={steps}",
                 ),
                 *("--set", "data.num_workers=0", "--set", "run.tensorboard=false"),
             ],
@@ -142,7 +143,7 @@ def runs(world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
             text=True,
             env=train_env(),
         )
-        for name, (cache, preset) in RUNS.items()
+        for name, (cache, preset, steps) in RUNS.items()
     }
     for name, proc in procs.items():
         log, _ = proc.communicate()
