@@ -1,8 +1,8 @@
 """Point Transformer V3 (Wu et al., CVPR 2024) as a HilDA student, on either sparse backend.
 
 The architecture, module names and parameter shapes are those of Pointcept's
-``PointTransformerV3`` (PT-v3m1), so that ``export.pointcept_state`` gives a state dict that
-Pointcept loads unchanged:
+``PointTransformerV3`` (PT-v3m1), so that ``hilda.models.convert.pointcept_state`` gives a
+state dict that Pointcept loads unchanged:
 
 - ``embedding.stem``: a kernel-5 submanifold convolution, BatchNorm, GELU;
 - ``enc.enc{s}``: ``down`` (serialized grid pooling, s > 0) then ``block{i}``;
@@ -30,6 +30,7 @@ either student.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Literal
@@ -157,11 +158,17 @@ def patch_layout(order: torch.Tensor, batch: torch.Tensor, size: int) -> Patches
     return Patches(index, None if bool(valid.all()) else valid, primary, size)
 
 
+@functools.cache
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def attention_backend(requested: Attention, device: torch.device, dtype: torch.dtype) -> str:
-    """Which kernel runs attention: ``requested``, or for "auto" the fastest one present."""
+    """Which kernel runs attention: ``requested``, or for "auto" the fastest one present.
+    (Called by every block at every step: the package lookups are cached.)"""
     cuda = device.type == "cuda"
-    flash = cuda and importlib.util.find_spec("flash_attn") is not None
-    xformers = cuda and importlib.util.find_spec("xformers") is not None
+    flash = cuda and _installed("flash_attn")
+    xformers = cuda and _installed("xformers")
     if requested == "auto":
         if flash and dtype in (torch.float16, torch.bfloat16):
             return "flash"
