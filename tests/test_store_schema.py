@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import zarr
 
+from hilda.errors import HildaError
 from hilda.store.schema import INDEX, OCCUPANCY, POINTS, array_layout, teacher_group
 from hilda.store.validate import StoreValidationError, validate_store
-from hilda.store.writer import create_group, init_store
+from hilda.store.writer import create_group, done_map, init_store, mark_shard_done, shard_stats
 
 F, V, FPS = 5, 6, 2
 
@@ -94,6 +95,38 @@ def test_layout_chunks_one_frame_and_shards() -> None:
     ragged = array_layout(POINTS.array("data"), {"F": 100, "P": 3_000_000}, 32)
     assert ragged["chunks"][0] == 1 << 16 and ragged["shards"][0] % ragged["chunks"][0] == 0
     assert np.dtype(array_layout(INDEX.array("token"), {"F": 3}, 32)["dtype"]).kind == "U"
+
+
+def test_the_index_is_chunked_by_frame_shards(tmp_path: Path) -> None:
+    """The driver writes the index whole: a chunk holds a frame shard's rows, so writing and
+    reading F rows touches F / frames_per_shard chunks (not F, as one frame a chunk would)."""
+    kw = array_layout(INDEX.array("cam_to_ego"), {"F": 100, "V": 6}, 32, driver_written=True)
+    assert kw["chunks"] == (32, 6, 4, 4) and kw["shards"] is None
+    root = _make(str(tmp_path / "cache.zarr"))
+    assert root["index/token"].chunks == (FPS,) and root["index/token"].shards is None
+    assert root["points/offsets"].chunks == (F + 1,)
+    root["index/timestamp"][:] = np.arange(F)
+    chunk_files = list((tmp_path / "cache.zarr" / "index" / "timestamp" / "c").iterdir())
+    assert len(chunk_files) == -(-F // FPS)
+
+
+def test_shard_statistics_are_one_row_a_shard(tmp_path: Path) -> None:
+    """A shard's statistics go to its own row (no attribute rewritten with every shard's),
+    read back as recorded, in any order of completion; a shard with other statistics than
+    the group's is refused."""
+    root = _make(str(tmp_path / "cache.zarr"))
+    occ = create_group(root, OCCUPANCY, {"F": F, "H": 8, "W8": 1}, FPS, {})
+    for shard in (2, 0):
+        mark_shard_done(occ, shard, None, {"layer_11": [shard + 0.5, 10.0, 0.9], "n": [shard]})
+    assert list(done_map(occ)) == [True, False, True]
+    assert shard_stats(occ) == {
+        "0": {"layer_11": [0.5, 10.0, 0.9], "n": [0.0]},
+        "2": {"layer_11": [2.5, 10.0, 0.9], "n": [2.0]},
+    }
+    assert "shard_stats" not in occ.attrs
+    with pytest.raises(HildaError, match="shard 1 has statistics"):
+        mark_shard_done(occ, 1, None, {"layer_11": [1.0, 2.0]})
+    assert list(done_map(occ)) == [True, False, True]
 
 
 def test_the_store_package_owns_the_format() -> None:

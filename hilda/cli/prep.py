@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,10 +39,13 @@ def make_synthetic_cmd(
     out: Annotated[Path, typer.Option(help="output folder (the dataset root)")] = Path(
         "out/synthetic"
     ),
-    scenes: Annotated[int, typer.Option(min=1, help="number of scenes (logs)")] = 2,
+    scenes: Annotated[
+        int | None, typer.Option(min=1, help="number of scenes (logs) [default: 2; --scale 850]")
+    ] = None,
     frames_per_scene: Annotated[
-        int, typer.Option(min=1, help="keyframes per scene, 0.5 s apart")
-    ] = 6,
+        int | None,
+        typer.Option(min=1, help="keyframes per scene, 0.5 s apart [default: 6; --scale 40]"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="world seed; output is deterministic for a seed")] = 0,
     image_size: Annotated[
         str | None,
@@ -53,21 +57,47 @@ def make_synthetic_cmd(
     keyframe_every: Annotated[
         int, typer.Option(min=1, help="AV2: sweeps (10 Hz) per keyframe")
     ] = 5,
+    scale: Annotated[
+        bool,
+        typer.Option(
+            "--scale",
+            help="nuScenes trainval's size with cheap sensors: 850 scenes x 40 keyframes, "
+            "8-beam sweeps (~2k points), 64x36 cameras, one map for all logs (a dry run of "
+            "the pipeline at scale)",
+        ),
+    ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="processes writing nuScenes scenes [default: 1; --scale: cores]"),
+    ] = None,
 ) -> None:
     """Generate the procedural driving world and write it in nuScenes, AV2 or SemanticKITTI
     format."""
-    from hilda.datasets.synthetic.generate import SyntheticConfig, make_synthetic
+    from hilda.datasets.synthetic.generate import SyntheticConfig, make_synthetic, scale_config
 
-    cfg = SyntheticConfig(
-        format=format,  # type: ignore[arg-type]
-        out=out,
-        scenes=scenes,
-        frames_per_scene=frames_per_scene,
-        seed=seed,
-        image_size=parse_size(image_size) if image_size else None,
-        version=version,
-        keyframe_every=keyframe_every,
-    )
+    if scale:
+        if format != "nuscenes" or image_size is not None:
+            raise typer.BadParameter("--scale writes nuScenes v1.0-trainval at its own sizes")
+        cfg = scale_config(
+            out,
+            scenes=scenes or 850,
+            frames_per_scene=frames_per_scene or 40,
+            seed=seed,
+            workers=workers or os.cpu_count() or 1,
+        )
+    else:
+        cfg = SyntheticConfig(
+            format=format,  # type: ignore[arg-type]
+            out=out,
+            scenes=scenes or 2,
+            frames_per_scene=frames_per_scene or 6,
+            seed=seed,
+            image_size=parse_size(image_size) if image_size else None,
+            version=version,
+            keyframe_every=keyframe_every,
+            workers=workers or 1,
+        )
+    scenes, frames_per_scene, version = cfg.scenes, cfg.frames_per_scene, cfg.version
     w, h = cfg.resolved_image_size
     cameras = "no cameras" if not cfg.rig.cameras else f"cameras {w}x{h}"
     console.print(

@@ -30,6 +30,12 @@ def _check_transform(name: str, value: np.ndarray, where: str) -> None:
         raise RecordError(f"{where}: {name} is not a rigid transform:\n{arr}")
 
 
+# The last row of a pinhole K, within np.allclose's default tolerance (written out: every
+# camera of every keyframe is checked, and allclose's overhead is most of the check).
+_PINHOLE_ROW = np.array([0.0, 0.0, 1.0])
+_PINHOLE_TOL = 1e-8 + 1e-5 * _PINHOLE_ROW
+
+
 @dataclass(frozen=True)
 class Camera:
     """One camera image of a keyframe, with the calibration needed to project into it."""
@@ -48,7 +54,7 @@ class Camera:
         k = np.asarray(self.intrinsics)
         if k.shape != (3, 3) or not np.all(np.isfinite(k)):
             raise RecordError(f"{where}: intrinsics must be a finite 3x3 matrix, got\n{k}")
-        if k[0, 0] <= 0 or k[1, 1] <= 0 or not np.allclose(k[2], [0, 0, 1]):
+        if k[0, 0] <= 0 or k[1, 1] <= 0 or np.any(np.abs(k[2] - _PINHOLE_ROW) > _PINHOLE_TOL):
             raise RecordError(f"{where}: intrinsics are not a pinhole matrix:\n{k}")
         if self.width <= 0 or self.height <= 0:
             raise RecordError(f"{where}: image size {self.width}x{self.height} is not positive")

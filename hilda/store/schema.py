@@ -56,6 +56,10 @@ class ArraySpec:
         return tuple(resolve_dim(d, dims) for d in self.shape)
 
 
+# Per-shard statistics a stage records with each shard's done flag (hilda.store.writer):
+# (S, C) float64, one row a shard, its column names and widths in the array's attributes.
+SHARD_STATS = "shard_stats"
+
 # Attribute of a group being created (hilda.store.writer.create_group); present only in
 # a group whose creation was cut short.
 BUILDING = "_building"
@@ -79,6 +83,10 @@ class GroupSpec:
     arrays: tuple[ArraySpec, ...]
     required_attrs: tuple[str, ...] = ()
     has_completion_map: bool = True
+    # Written whole by the driver (the index), not shard by shard by workers: its per-frame
+    # arrays are chunked by frame shards, so writing or reading F rows encodes F /
+    # frames_per_shard chunks, not F (34k frames: 1k chunks an array instead of 34k).
+    driver_written: bool = False
 
     def array(self, name: str) -> ArraySpec:
         for spec in self.arrays:
@@ -117,6 +125,7 @@ INDEX = GroupSpec(
         ArraySpec("image_path", "str", ("F", "V")),
     ),
     required_attrs=("cameras", "num_frames", "frames_per_shard", "dataset_root"),
+    driver_written=True,
 )
 
 POINTS = GroupSpec(
@@ -228,14 +237,21 @@ def num_shards(num_frames: int, frames_per_shard: int) -> int:
     return max(1, math.ceil(num_frames / frames_per_shard))
 
 
-def array_layout(spec: ArraySpec, dims: Mapping[str, int], frames_per_shard: int) -> dict[str, Any]:
+def array_layout(
+    spec: ArraySpec, dims: Mapping[str, int], frames_per_shard: int, driver_written: bool = False
+) -> dict[str, Any]:
     """Keyword arguments for ``zarr.Group.create_array`` that realise ``spec``.
 
     Per-frame arrays: one frame per chunk, ``frames_per_shard`` frames per shard (the last
-    shard may be partial). Ragged arrays: ``RAGGED_ROW_CHUNK`` rows per chunk.
+    shard may be partial), so workers write disjoint shard files; in a ``driver_written``
+    group, ``frames_per_shard`` frames per chunk and no shards. Ragged arrays:
+    ``RAGGED_ROW_CHUNK`` rows per chunk.
     """
     shape = spec.resolve_shape(dims)
-    if spec.ragged:
+    if spec.shape and spec.shape[0] == "F" and driver_written:
+        chunks = (max(1, min(frames_per_shard, shape[0])), *shape[1:])
+        shards = None
+    elif spec.ragged:
         rows = max(1, min(RAGGED_ROW_CHUNK, shape[0]))
         chunks = (rows, *shape[1:])
         shards = (max(rows, min(RAGGED_ROWS_PER_SHARD, math.ceil(shape[0] / rows) * rows)),)

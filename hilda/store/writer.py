@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from hilda.store.schema import (
     INT8_SCALES,
     SCHEMA,
     SCHEMA_VERSION,
+    SHARD_STATS,
     GroupSpec,
     array_layout,
     is_half_made,
@@ -72,7 +73,7 @@ def create_group(
     """
     group = root.create_group(spec.name, attributes={**attrs, BUILDING: True}, overwrite=True)
     for aspec in spec.arrays:
-        kwargs = array_layout(aspec, dims, frames_per_shard)
+        kwargs = array_layout(aspec, dims, frames_per_shard, spec.driver_written)
         fill = "" if aspec.dtype == "str" else 0
         extra = (
             {"compressors": compressors[aspec.name]}
@@ -150,18 +151,55 @@ def mark_shard_done(
     group: zarr.Group,
     shard: int,
     skipped: Mapping[str, str] | None = None,
-    stats: Mapping[str, Any] | None = None,
+    stats: Mapping[str, Sequence[float]] | None = None,
 ) -> None:
-    """Record a finished frame shard: its skipped frames and statistics merged into the
-    group's attributes (sorted, so they do not depend on the order workers finish), then its
-    ``done`` flag, last."""
+    """Record a finished frame shard: its skipped frames merged into the group's attributes
+    (sorted, so they do not depend on the order workers finish), its statistics in its row
+    of the ``shard_stats`` array, then its ``done`` flag, last."""
     if skipped:
         merged = {**dict(group.attrs.get("skipped", {})), **{str(k): v for k, v in skipped.items()}}
         group.attrs["skipped"] = by_index(merged)
     if stats:
-        merged = {**dict(group.attrs.get("shard_stats", {})), str(shard): dict(stats)}
-        group.attrs["shard_stats"] = by_index(merged)
+        _write_shard_stats(group, shard, stats)
     group["done"][shard] = True
+
+
+def _write_shard_stats(group: zarr.Group, shard: int, stats: Mapping[str, Sequence[float]]) -> None:
+    """One shard's named statistics as its row of ``shard_stats`` (S, C) float64, one chunk a
+    row: a shard writes only its own row, where rewriting one attribute that holds every
+    shard's statistics would cost O(shards) a shard and O(shards^2) a stage."""
+    widths = {key: len(stats[key]) for key in sorted(stats)}
+    row = np.concatenate([np.asarray(stats[key], dtype=np.float64) for key in widths])
+    if SHARD_STATS not in group:
+        shards = group["done"].shape[0]
+        array = group.create_array(
+            SHARD_STATS, shape=(shards, len(row)), dtype="float64", chunks=(1, len(row)),
+            fill_value=np.nan, attributes={"columns": widths},
+        )  # fmt: skip
+    else:
+        array = group[SHARD_STATS]
+        if dict(array.attrs["columns"]) != widths:
+            raise HildaError(
+                f"{group.path}: shard {shard} has statistics {widths}, the group's other "
+                f"shards {dict(array.attrs['columns'])}"
+            )
+    array[shard] = row
+
+
+def shard_stats(group: zarr.Group) -> dict[str, dict[str, list[float]]]:
+    """Every recorded shard's statistics: shard -> name -> values (``mark_shard_done``)."""
+    if SHARD_STATS not in group:
+        return {}
+    array = group[SHARD_STATS]
+    rows, widths = np.asarray(array[:]), dict(array.attrs["columns"])
+    out = {}
+    for shard in np.flatnonzero(~np.isnan(rows).all(axis=1)):
+        values, col = {}, 0
+        for key, width in widths.items():
+            values[key] = rows[shard, col : col + width].tolist()
+            col += width
+        out[str(shard)] = values
+    return out
 
 
 def by_index(entries: dict[str, Any]) -> dict[str, Any]:

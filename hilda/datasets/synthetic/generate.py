@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +48,10 @@ class SyntheticConfig:
     version: str = "v1.0-mini"  # nuScenes table version
     keyframe_every: int = 5  # AV2: sweeps (10 Hz) between keyframes
     jpeg_quality: int = 90
+    lidar_beams: int | None = None  # None: the rig's (nuScenes 32)
+    lidar_azimuths: int | None = None  # rays per beam and sweep; None: the rig's
+    shared_map: bool = False  # nuScenes: one map for all logs instead of one per log
+    workers: int = 1  # processes writing scenes (nuScenes)
 
     def __post_init__(self) -> None:
         if self.format not in DEFAULT_IMAGE_SIZE:
@@ -56,6 +60,8 @@ class SyntheticConfig:
             )
         if self.scenes < 1 or self.frames_per_scene < 1:
             raise ConfigError("scenes and frames_per_scene must be >= 1")
+        if min(self.lidar_beams or 1, self.lidar_azimuths or 1, self.workers) < 1:
+            raise ConfigError("lidar_beams, lidar_azimuths and workers must be >= 1")
         w, h = self.resolved_image_size
         if w < 16 or h < 16:
             raise ConfigError(f"image size {w}x{h} is too small (min 16x16)")
@@ -66,7 +72,32 @@ class SyntheticConfig:
 
     @property
     def rig(self) -> Rig:
-        return {"nuscenes": NUSCENES_RIG, "av2": AV2_RIG, "semantickitti": KITTI_RIG}[self.format]
+        rig = {"nuscenes": NUSCENES_RIG, "av2": AV2_RIG, "semantickitti": KITTI_RIG}[self.format]
+        lidar = rig.lidar
+        beams, azimuths = self.lidar_beams or lidar.beams, self.lidar_azimuths or lidar.azimuths
+        return replace(rig, lidar=replace(lidar, beams=beams, azimuths=azimuths))
+
+
+def scale_config(
+    out: Path, *, scenes: int = 850, frames_per_scene: int = 40, seed: int = 0, workers: int = 1
+) -> SyntheticConfig:
+    """A world of nuScenes trainval's size (850 scenes x 40 keyframes = 34,000 against the
+    real 34,149) with cheap sensors: 8-beam sweeps of about 2k points, 64x36 cameras, one
+    shared map. What a dry run of the pipeline at scale needs (``benchmarks/scale.py``):
+    every table and file of the real layout, at a few milliseconds a keyframe."""
+    return SyntheticConfig(
+        format="nuscenes",
+        out=out,
+        scenes=scenes,
+        frames_per_scene=frames_per_scene,
+        seed=seed,
+        image_size=(64, 36),
+        version="v1.0-trainval",
+        lidar_beams=8,
+        lidar_azimuths=256,
+        shared_map=True,
+        workers=workers,
+    )
 
 
 def token(*parts: object) -> str:

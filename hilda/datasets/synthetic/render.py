@@ -15,7 +15,7 @@ import numpy as np
 
 from hilda.datasets.classes import GENERAL_INDEX
 from hilda.datasets.synthetic import world as W
-from hilda.datasets.synthetic.raycast import Hits, Primitives, cast
+from hilda.datasets.synthetic.raycast import Footprint, Hits, Primitives, cast, expand_ranges
 from hilda.geometry import apply, make_transform, yaw_matrix
 
 
@@ -367,23 +367,41 @@ def scan_lidar(world: W.World, rig: Rig, t_us: int, rng: np.random.Generator) ->
     )
 
 
-def _footprint(
-    corners_cam: np.ndarray, k: np.ndarray, width: int, height: int
-) -> np.ndarray | None:
-    """Flat pixel indices an object can cover, from its (8, 3) AABB corners in the camera frame."""
-    z = corners_cam[:, 2]
-    if np.all(z < 0.05):
-        return None
-    if np.any(z < 0.05):
-        return np.arange(width * height)
-    uv = corners_cam[:, :2] / z[:, None] * [k[0, 0], k[1, 1]] + [k[0, 2], k[1, 2]]
-    u0, v0 = np.floor(uv.min(axis=0)).astype(int)
-    u1, v1 = np.ceil(uv.max(axis=0)).astype(int)
-    u0, v0 = max(u0, 0), max(v0, 0)
-    u1, v1 = min(u1, width - 1), min(v1, height - 1)
-    if u0 > u1 or v0 > v1:
-        return None
-    return (np.arange(v0, v1 + 1)[:, None] * width + np.arange(u0, u1 + 1)[None, :]).ravel()
+# The 12 edges of a box whose 8 corners are indexed by 3 bits (``Primitives.aabb_corners``).
+_BOX_EDGES = np.array([(i, i | bit) for i in range(8) for bit in (1, 2, 4) if not i & bit])
+_NEAR = 1e-4  # metres: the camera plane a box is clipped at before projecting
+
+
+def image_footprint(corners_cam: np.ndarray, k: np.ndarray, width: int, height: int) -> Footprint:
+    """Pairs of each candidate primitive with the pixels (flat indices) of the rectangle
+    around the projection of its bounding box (``corners_cam`` (P, 8, 3), camera frame),
+    clipped to the part in front of the camera: the corners in front and the points where
+    the box's edges cross the near plane. None for a box behind the camera."""
+
+    def pairs(cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = corners_cam[cand]  # (P, 8, 3)
+        a, b = c[:, _BOX_EDGES[:, 0]], c[:, _BOX_EDGES[:, 1]]  # (P, 12, 3) edge ends
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = (_NEAR - a[..., 2]) / (b[..., 2] - a[..., 2])  # (P, 12)
+            crosses = (f > 0) & (f < 1)
+            f = np.where(crosses, f, 0.0)
+        pts = np.concatenate([c, a + f[..., None] * (b - a)], axis=1)  # (P, 20, 3)
+        valid = np.concatenate([c[..., 2] >= _NEAR, crosses], axis=1)  # (P, 20)
+        z = np.maximum(pts[..., 2], _NEAR)
+        uv = pts[..., :2] / z[..., None] * [k[0, 0], k[1, 1]] + [k[0, 2], k[1, 2]]
+        lo = np.where(valid[..., None], uv, np.inf).min(axis=1)  # (P, 2)
+        hi = np.where(valid[..., None], uv, -np.inf).max(axis=1)
+        seen = valid.any(axis=1)
+        lo, hi = np.where(seen[:, None], lo, 0.0), np.where(seen[:, None], hi, -1.0)
+        lo = np.clip(np.floor(lo), 0, [width, height]).astype(np.int64)
+        hi = np.clip(np.ceil(hi), -1, [width - 1, height - 1]).astype(np.int64)
+        w = np.where(seen & np.all(lo <= hi, axis=1), hi[:, 0] - lo[:, 0] + 1, 0)  # (P,)
+        h = hi[:, 1] - lo[:, 1] + 1
+        owner, j = expand_ranges(np.arange(len(cand)), np.zeros(len(cand), np.int64), w * h)
+        ray = (lo[owner, 1] + j // w[owner]) * width + lo[owner, 0] + j % w[owner]
+        return cand[owner], ray
+
+    return pairs
 
 
 def render_camera(
@@ -404,12 +422,9 @@ def render_camera(
     corners = prims.aabb_corners().reshape(-1, 3)
     corners_cam = apply(np.linalg.inv(cam_to_global), corners).reshape(-1, 8, 3)
     hits = cast(
-        origin,
-        dirs_g,
-        prims,
-        max_range=150.0,
-        select=lambda i: _footprint(corners_cam[i], k, width, height),
-    )
+        origin, dirs_g, prims, max_range=150.0,
+        footprint=image_footprint(corners_cam, k, width, height),
+    )  # fmt: skip
     finite = np.isfinite(hits.t)
     pts_g = origin + dirs_g * np.where(finite, hits.t, 0.0)[:, None]
     ground_lbl = W.ground_label(world.road, pts_g[:, :2])

@@ -180,12 +180,7 @@ def car_parts(length: float, width: float, height: float):
 def make_world(seed: int, scene_index: int, duration_s: float, start_us: int) -> World:
     """Build scene ``scene_index`` of the world of ``seed`` (covering ``duration_s`` of driving)."""
     rng = np.random.default_rng([seed, scene_index])
-    radius = float(rng.uniform(90.0, 220.0))
-    turn = int(rng.choice([-1, 1]))
-    origin = rng.uniform([150.0, 150.0], [350.0, 350.0])  # global map coordinates, metres
-    theta0 = float(rng.uniform(-np.pi, np.pi))
-    center = origin - radius * np.array([np.cos(theta0), np.sin(theta0)])
-    road = Road(center=center, radius=radius, turn=turn, theta0=theta0)
+    road = _road(rng)
     ego_speed = float(rng.uniform(4.0, 8.0))
     scene = _SceneBuilder(rng, road, -50.0, ego_speed * duration_s + 70.0)
     # The order of the draws is the world: a seed gives the same scene only in this order.
@@ -202,6 +197,21 @@ def make_world(seed: int, scene_index: int, duration_s: float, start_us: int) ->
     return World(
         road=road, ego_speed=ego_speed, start_us=start_us, static=_pack(scene.rows), movers=movers
     )
+
+
+def scene_road(seed: int, scene_index: int) -> Road:
+    """The road of scene ``scene_index`` (the first draws of ``make_world``), without the
+    objects: what a map of all scenes needs."""
+    return _road(np.random.default_rng([seed, scene_index]))
+
+
+def _road(rng: np.random.Generator) -> Road:
+    radius = float(rng.uniform(90.0, 220.0))
+    turn = int(rng.choice([-1, 1]))
+    origin = rng.uniform([150.0, 150.0], [350.0, 350.0])  # global map coordinates, metres
+    theta0 = float(rng.uniform(-np.pi, np.pi))
+    center = origin - radius * np.array([np.cos(theta0), np.sin(theta0)])
+    return Road(center=center, radius=radius, turn=turn, theta0=theta0)
 
 
 def _style(name: str) -> tuple[int, tuple[float, float, float], int]:

@@ -47,6 +47,7 @@ from hilda.store.writer import (
     prepare_group,
     record_stage,
     set_attr,
+    shard_stats,
     write_frames,
     write_teacher_block,
 )
@@ -374,7 +375,7 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
             label=f"teacher {cfg.group_name()}",
             resources=resources,
         )
-    fidelity = codec_fidelity(group.attrs.get("shard_stats", {}))
+    fidelity = codec_fidelity(shard_stats(group))
     set_attr(group, "codec_fidelity", fidelity)
     record_stage(root, builds, {**attrs, "layers": cfg.layers})
     return {
