@@ -86,10 +86,16 @@ def subset_world(full: Path, frames: int) -> Path:
         map=[{**m, "log_tokens": [t for t in m["log_tokens"] if t in logs]} for m in tables["map"]],
     )
     (root / VERSION).mkdir(parents=True, exist_ok=True)
-    for name in ("samples", "lidarseg", "maps"):
+    for name in ("samples", "maps"):
         link = root / name
         if not link.exists():
             link.symlink_to((full / name).resolve())
+    # The devkit counts the label files against the lidarseg records: link the kept ones.
+    (root / "lidarseg" / VERSION).mkdir(parents=True, exist_ok=True)
+    for rec in tables["lidarseg"]:
+        link = root / rec["filename"]
+        if not link.exists():
+            link.symlink_to((full / rec["filename"]).resolve())
     for name, rows in tables.items():
         (root / VERSION / f"{name}.json").write_text(json.dumps(rows))
     return root

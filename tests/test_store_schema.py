@@ -97,17 +97,17 @@ def test_layout_chunks_one_frame_and_shards() -> None:
     assert np.dtype(array_layout(INDEX.array("token"), {"F": 3}, 32)["dtype"]).kind == "U"
 
 
-def test_the_index_is_chunked_by_frame_shards(tmp_path: Path) -> None:
-    """The driver writes the index whole: a chunk holds a frame shard's rows, so writing and
-    reading F rows touches F / frames_per_shard chunks (not F, as one frame a chunk would)."""
-    kw = array_layout(INDEX.array("cam_to_ego"), {"F": 100, "V": 6}, 32, driver_written=True)
-    assert kw["chunks"] == (32, 6, 4, 4) and kw["shards"] is None
+def test_the_index_is_chunked_by_thousands_of_frames(tmp_path: Path) -> None:
+    """The driver writes the index whole: a chunk holds 1024 frames (at least a shard's), so
+    writing and reading F rows touches F / 1024 chunks (not F, as one frame a chunk would)."""
+    kw = array_layout(INDEX.array("cam_to_ego"), {"F": 5000, "V": 6}, 32, driver_written=True)
+    assert kw["chunks"] == (1024, 6, 4, 4) and kw["shards"] is None
+    kw = array_layout(INDEX.array("token"), {"F": 5000}, 2048, driver_written=True)
+    assert kw["chunks"] == (2048,)
     root = _make(str(tmp_path / "cache.zarr"))
-    assert root["index/token"].chunks == (FPS,) and root["index/token"].shards is None
-    assert root["points/offsets"].chunks == (F + 1,)
+    assert root["index/token"].chunks == (F,) and root["index/token"].shards is None
     root["index/timestamp"][:] = np.arange(F)
-    chunk_files = list((tmp_path / "cache.zarr" / "index" / "timestamp" / "c").iterdir())
-    assert len(chunk_files) == -(-F // FPS)
+    assert len(list((tmp_path / "cache.zarr" / "index" / "timestamp" / "c").iterdir())) == 1
 
 
 def test_shard_statistics_are_one_row_a_shard(tmp_path: Path) -> None:

@@ -56,6 +56,11 @@ class ArraySpec:
         return tuple(resolve_dim(d, dims) for d in self.shape)
 
 
+# Frames a chunk of a driver-written group's per-frame arrays (the index): zarr's cost is
+# per chunk (~1 ms to encode or decode one), and a stage task reads a few index rows, so
+# about a thousand rows (~1 MB of camera matrices) a chunk.
+DRIVER_CHUNK_ROWS = 1024
+
 # Per-shard statistics a stage records with each shard's done flag (hilda.store.writer):
 # (S, C) float64, one row a shard, its column names and widths in the array's attributes.
 SHARD_STATS = "shard_stats"
@@ -84,8 +89,8 @@ class GroupSpec:
     required_attrs: tuple[str, ...] = ()
     has_completion_map: bool = True
     # Written whole by the driver (the index), not shard by shard by workers: its per-frame
-    # arrays are chunked by frame shards, so writing or reading F rows encodes F /
-    # frames_per_shard chunks, not F (34k frames: 1k chunks an array instead of 34k).
+    # arrays are chunked DRIVER_CHUNK_ROWS frames a chunk, so writing or reading F rows
+    # encodes F / 1024 chunks, not F (34k frames: 34 chunks an array instead of 34k).
     driver_written: bool = False
 
     def array(self, name: str) -> ArraySpec:
@@ -218,7 +223,12 @@ PATH_ARRAYS = ("lidar_path", "labels_path", "image_path")
 def relative_to_root(dataset_root: str, path: str) -> str:
     """A dataset file's path as the index stores it: relative to the dataset root it records,
     so a store stays readable when the dataset moves with its root ("" stays "")."""
-    return os.path.relpath(path, dataset_root) if path else ""
+    if not path:
+        return ""
+    prefix = dataset_root.rstrip(os.sep) + os.sep
+    if path.startswith(prefix) and os.path.normpath(path) == path:  # the usual case, cheap
+        return path[len(prefix) :]
+    return os.path.relpath(path, dataset_root)
 
 
 def dataset_file(dataset_root: str, stored: str) -> str:
@@ -244,12 +254,13 @@ def array_layout(
 
     Per-frame arrays: one frame per chunk, ``frames_per_shard`` frames per shard (the last
     shard may be partial), so workers write disjoint shard files; in a ``driver_written``
-    group, ``frames_per_shard`` frames per chunk and no shards. Ragged arrays:
+    group, ``DRIVER_CHUNK_ROWS`` frames (at least a shard's) per chunk and no shards. Ragged arrays:
     ``RAGGED_ROW_CHUNK`` rows per chunk.
     """
     shape = spec.resolve_shape(dims)
     if spec.shape and spec.shape[0] == "F" and driver_written:
-        chunks = (max(1, min(frames_per_shard, shape[0])), *shape[1:])
+        rows = max(frames_per_shard, DRIVER_CHUNK_ROWS)
+        chunks = (max(1, min(rows, shape[0])), *shape[1:])
         shards = None
     elif spec.ragged:
         rows = max(1, min(RAGGED_ROW_CHUNK, shape[0]))

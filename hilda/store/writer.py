@@ -7,6 +7,7 @@ A store is a local folder or any fsspec URL zarr accepts (``memory://``, ``s3://
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -255,7 +256,11 @@ def index_arrays(frames: list[Frame], cameras: list[str], root: str) -> dict[str
     relative to the dataset ``root``)."""
     f, v = len(frames), len(cameras)
 
+    cwd = os.getcwd()  # once: readers may name files relative to the working directory
+
     def rel(path: str | None) -> str:
+        if path and not os.path.isabs(path):
+            path = os.path.join(cwd, path)
         return relative_to_root(root, path or "")
 
     out = {
