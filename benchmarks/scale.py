@@ -10,7 +10,8 @@ of about 2k points, six 64x36 cameras, the full v1.0-trainval table set), writte
 the sensor files linked). Each size runs in a child process, so its peak RSS is its own. Per
 stage it reports:
 
-- driver CPU seconds per frame (the driver process's CPU time, Dask's scheduler included);
+- driver CPU milliseconds per frame (the driver process's CPU time, Dask's scheduler and the
+  client's event loop included, the memory sampler's own thread excluded);
 - frames/s (wall clock, the whole stage on ``--workers`` Dask workers);
 - peak RSS of the driver and of the largest worker process (sampled every 50 ms);
 
@@ -45,16 +46,19 @@ def write_world(out: Path, frames: int, workers: int) -> tuple[Path, float]:
     from hilda.datasets.synthetic.generate import make_synthetic, scale_config
 
     scenes = math.ceil(frames / FRAMES_PER_SCENE)
+    for marker in sorted(out.glob("world-*/written.json")):  # a bigger world serves too
+        written = json.loads(marker.read_text())
+        if written["frames"] >= scenes * FRAMES_PER_SCENE:
+            return marker.parent, written["seconds"]
     root = out / f"world-{scenes}"
-    marker = root / "written.json"
-    if marker.exists():
-        return root, json.loads(marker.read_text())["seconds"]
     shutil.rmtree(root, ignore_errors=True)
     print(f"writing the scale world: {scenes} scenes x {FRAMES_PER_SCENE} keyframes -> {root}")
     start = time.perf_counter()
     make_synthetic(scale_config(root, scenes=scenes, workers=workers))
     seconds = time.perf_counter() - start
-    marker.write_text(json.dumps({"seconds": seconds, "frames": scenes * FRAMES_PER_SCENE}))
+    (root / "written.json").write_text(
+        json.dumps({"seconds": seconds, "frames": scenes * FRAMES_PER_SCENE})
+    )
     return root, seconds
 
 
@@ -108,17 +112,22 @@ class PeakRss:
     def __init__(self, period: float = 0.05) -> None:
         self.period, self.me = period, psutil.Process()
         self.driver = self.worker = 0
+        self.cpu = 0.0  # this thread's own CPU seconds, not the driver's work
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        children, listed = [], 0.0
         while not self._stop.is_set():
             self.driver = max(self.driver, self.me.memory_info().rss)
-            for child in self.me.children(recursive=True):
+            if time.monotonic() - listed > 1.0:  # listing /proc is the costly part
+                children, listed = self.me.children(recursive=True), time.monotonic()
+            for child in children:
                 try:
                     self.worker = max(self.worker, child.memory_info().rss)
-                except psutil.Error:  # exited between the listing and the read
+                except psutil.Error:  # exited since the listing
                     pass
+            self.cpu = time.thread_time()
             self._stop.wait(self.period)
 
     def __enter__(self) -> PeakRss:
@@ -135,7 +144,7 @@ def measured(fn, frames: int) -> dict[str, float]:
     cpu, wall = time.process_time(), time.perf_counter()
     with PeakRss() as rss:
         fn()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall = time.process_time() - cpu - rss.cpu, time.perf_counter() - wall
     return {
         "driver ms/frame": 1000 * cpu / frames,
         "frames/s": frames / wall,
@@ -225,6 +234,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench/scale"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--keep", action="store_true", help="keep each size's store under --out")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: one size
     ap.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -261,7 +271,8 @@ def main() -> None:
         ]
         done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        shutil.rmtree(args.out / f"cache-{size}.zarr", ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(args.out / f"cache-{size}.zarr", ignore_errors=True)
     frames = max(args.sizes)
     print(
         f"\nscale world: {world_s:.0f} s for {math.ceil(frames / 40) * 40} keyframes "

@@ -68,6 +68,25 @@ def test_bad_options_are_rejected(tmp_path: Path) -> None:
         prep.app, ["make-synthetic", "--out", str(tmp_path), "--format", "kitti"]
     )
     assert result.exit_code == 2 and "format must be" in result.output
+    result = runner.invoke(
+        prep.app, ["make-synthetic", "--out", str(tmp_path), "--scale", "--format", "av2"]
+    )
+    assert result.exit_code == 2 and "--scale writes nuScenes" in result.output
+
+
+def test_make_synthetic_scale(tmp_path: Path) -> None:
+    """--scale: a v1.0-trainval world (its few scenes split train / val) of tiny sensors."""
+    runner = CliRunner()
+    out = tmp_path / "scale"
+    args = ["--out", str(out), "--scale", "--scenes", "2", "--frames-per-scene", "2"]
+    result = runner.invoke(prep.app, ["make-synthetic", *args, "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "cameras 64x36" in result.output and "v1.0-trainval" in result.output
+    result = runner.invoke(
+        prep.app, ["frames", "--root", str(out), "--version", "v1.0-trainval", "--split", "val"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 keyframes" in result.output
 
 
 def test_prep_plan_and_all_for_a_preset(nusc_cfg, tmp_path) -> None:

@@ -92,6 +92,8 @@ def test_teacher_group_checked(store_url: str) -> None:
 def test_layout_chunks_one_frame_and_shards() -> None:
     kw = array_layout(OCCUPANCY.array("bev"), {"F": 100, "H": 512, "W8": 64}, 32)
     assert kw["chunks"] == (1, 512, 64) and kw["shards"] == (32, 512, 64)
+    small = array_layout(OCCUPANCY.array("valid"), {"F": 100}, 32)  # read whole at start-up
+    assert small["chunks"] == (32,) and small["shards"] is None
     ragged = array_layout(POINTS.array("data"), {"F": 100, "P": 3_000_000}, 32)
     assert ragged["chunks"][0] == 1 << 16 and ragged["shards"][0] % ragged["chunks"][0] == 0
     assert np.dtype(array_layout(INDEX.array("token"), {"F": 3}, 32)["dtype"]).kind == "U"

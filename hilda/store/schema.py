@@ -50,6 +50,9 @@ class ArraySpec:
     dtype: str  # numpy dtype string, or "str" for variable-length UTF-8
     shape: tuple[Dim, ...]
     ragged: bool = False  # chunked by rows (CSR data), not one frame per chunk
+    # A few bytes a frame, read whole (the loader's start-up): one chunk a frame shard, not
+    # one a frame (34k frames: 1k chunks to decode instead of 34k; still one file a shard).
+    small: bool = False
 
     def resolve_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
         """Concrete shape of this array given values for its symbolic dims."""
@@ -208,7 +211,7 @@ OCCUPANCY = GroupSpec(
     name="occupancy",
     arrays=(
         ArraySpec("bev", "uint8", ("F", "H", "W8")),
-        ArraySpec("valid", "bool", ("F",)),
+        ArraySpec("valid", "bool", ("F",), small=True),
     ),
     required_attrs=("grid", "cell", "range", "ground_rule", "horizon"),
 )
@@ -254,13 +257,17 @@ def array_layout(
 
     Per-frame arrays: one frame per chunk, ``frames_per_shard`` frames per shard (the last
     shard may be partial), so workers write disjoint shard files; in a ``driver_written``
-    group, ``DRIVER_CHUNK_ROWS`` frames (at least a shard's) per chunk and no shards. Ragged arrays:
+    group, ``DRIVER_CHUNK_ROWS`` frames (at least a shard's) per chunk and no shards; a
+    ``small`` array, one frame shard per chunk. Ragged arrays:
     ``RAGGED_ROW_CHUNK`` rows per chunk.
     """
     shape = spec.resolve_shape(dims)
     if spec.shape and spec.shape[0] == "F" and driver_written:
         rows = max(frames_per_shard, DRIVER_CHUNK_ROWS)
         chunks = (max(1, min(rows, shape[0])), *shape[1:])
+        shards = None
+    elif spec.shape and spec.shape[0] == "F" and spec.small:
+        chunks = (max(1, min(frames_per_shard, shape[0])), *shape[1:])
         shards = None
     elif spec.ragged:
         rows = max(1, min(RAGGED_ROW_CHUNK, shape[0]))
