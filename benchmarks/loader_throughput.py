@@ -199,19 +199,33 @@ def codec_comparison(store: str, rounds: int) -> None:
             name="int8",
         )
         run_teacher(cfg, StageOptions())
-        rows = {}
+        datasets, bytes_read = {}, {}
         for name in (t.name, "int8"):
             sets = ["data.num_workers=0", f"model.bev_grid={grid}", f"data.teacher={name}"]
             train = load_config(TrainConfig, None, sets)
             info = check_cache(copy, train)
             samples = sample_index(copy, info, needs_occupancy=True)
-            ds = CacheDataset(train, info, samples)
-            items = [(k,) for k in range(len(samples.frames))]
-            warm = rate(lambda k, ds=ds: collate([ds[(k, 0)]]), items, rounds)
-            cold = cold_rate(lambda k, ds=ds: collate([ds[(k, 0)]]), items, rounds, copy)
-            rows[name] = (warm, cold, 2 * teacher_bytes_per_frame(copy, name))  # t-1 and t0
+            datasets[name] = CacheDataset(train, info, samples)
+            bytes_read[name] = 2 * teacher_bytes_per_frame(copy, name)  # t-1 and t0
+        items = [(k,) for k in range(len(samples.frames))]
+        # The codecs alternate round by round (this machine's speed drifts over seconds);
+        # each figure is the median over rounds.
+        rates: dict[str, dict[str, list[float]]] = {n: {"warm": [], "cold": []} for n in datasets}
+        for r in range(rounds):
+            for name in (t.name, "int8") if r % 2 == 0 else ("int8", t.name):
+                ds = datasets[name]
+                fn = lambda k, ds=ds: collate([ds[(k, 0)]])  # noqa: E731
+                rates[name]["warm"].append(rate(fn, items, 1))
+                rates[name]["cold"].append(cold_rate(fn, items, 1, copy))
+        rows = {
+            n: (float(np.median(v["warm"])), float(np.median(v["cold"])), bytes_read[n])
+            for n, v in rates.items()
+        }
     (f16, f16_cold, f16_bytes), (i8, i8_cold, i8_bytes) = rows[t.name], rows["int8"]
-    print(f"\nteacher codec, {t.model_id} blocks {list(t.blocks)}, {len(items)} samples, 1 thread")
+    print(
+        f"\nteacher codec, {t.model_id} blocks {list(t.blocks)}, {len(items)} samples, 1 thread, "
+        f"median of {rounds} alternating rounds"
+    )
     print(
         "| codec | samples/s per core, page cache | from the disk | teacher KiB read per "
         "sample | vs float16 (cache; disk; bytes) |"
