@@ -269,7 +269,7 @@ def azimuth_footprint(origin: np.ndarray, dirs: np.ndarray, prims: Primitives) -
             starts.append(s)
             counts.append(e - s)
         owner = np.concatenate(owners)
-        keep = np.argsort(owner, kind="stable")  # primitive order for the tie rule
+        keep = np.argsort(owner, kind="stable")  # a primitive's pairs together, in row order
         p, idx = expand_ranges(
             cand[owner[keep]], np.concatenate(starts)[keep], np.concatenate(counts)[keep]
         )
