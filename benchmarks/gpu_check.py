@@ -11,9 +11,14 @@
 4. spconv on CUDA against MinkowskiEngine on the CPU with the same weights: relative
    difference of the point features and of every parameter's gradient.
 
-On a machine without CUDA each part says what it needs and the script exits 0:
+Every part prints one line, ``PASS``, ``FAIL <reason>`` or ``SKIP <reason>`` (e.g. a
+library that is not installed), then its figures. The exit code is 0 only when every part
+that could run passed and at least one ran: 1 when a part failed, 3 without CUDA (nothing
+could be checked). ``--budget-s`` keeps the whole check inside that many seconds: a part
+that would start past the budget is skipped and says so, and the figures measured so far are
+printed and written either way.
 
-    .venv/bin/python benchmarks/gpu_check.py [--json gpu_check.json] [--quick]
+    .venv/bin/python benchmarks/gpu_check.py [--json gpu_check.json] [--quick] [--budget-s 420]
 """
 
 from __future__ import annotations
@@ -38,7 +43,23 @@ class Row:
     part: str
     what: str
     value: str
-    status: str = "ok"  # ok | needs ... | failed: ...
+    status: str = "ok"  # ok | needs ... (skipped) | failed: ...
+
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL <reason> or SKIP <reason>."""
+        if self.status == "ok":
+            return "PASS"
+        if self.status.startswith("failed"):
+            return f"FAIL {self.status.removeprefix('failed:').strip()}"
+        return f"SKIP {self.status}"
+
+
+_DEADLINE: list[float] = []  # perf_counter() past which no further measurement starts
+
+
+def over_budget() -> bool:
+    return bool(_DEADLINE) and time.perf_counter() > _DEADLINE[0]
 
 
 def cuda() -> bool:
@@ -74,6 +95,9 @@ def teacher_throughput(quick: bool) -> list[Row]:
     archs = ("vits14", "vitb14", "vitl14", "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16")
     for arch in archs:
         for attention in ("sdpa", "xformers"):
+            if over_budget():
+                rows.append(Row("1 teacher forward", f"{arch} {attention}", "-", "budget spent"))
+                continue
             model, info = build_teacher(f"random:{arch}")
             model = model.cuda()
             if attention == "xformers" and not (has("xformers") and enable_xformers(model)):
@@ -152,6 +176,9 @@ def student_amp(quick: bool) -> list[Row]:
     rows = []
     for arch, cfg, what in variants:
         part = f"3 {arch} fwd+bwd AMP"
+        if over_budget():
+            rows.append(Row(part, what, "-", "budget spent"))
+            continue
         if not backend_installed(cfg.backend):
             rows.append(Row(part, what, "-", f"needs {cfg.backend}"))
             continue
@@ -224,26 +251,60 @@ def spconv_vs_minkowski(quick: bool) -> list[Row]:
     return [Row("4 gradients", what, value, status)]
 
 
-def main() -> None:
+PARTS = (teacher_throughput, extract_teacher, student_amp, spconv_vs_minkowski)
+
+
+def run_parts(quick: bool, budget_s: float | None) -> list[Row]:
+    """Every part in order, each failure kept as a row (one part failing must not hide the
+    others); a part that would start past ``budget_s`` is skipped."""
+    start, rows = time.perf_counter(), []
+    _DEADLINE[:] = [] if budget_s is None else [start + budget_s]
+    for number, part in enumerate(PARTS, 1):
+        spent = time.perf_counter() - start
+        if budget_s is not None and spent >= budget_s:
+            rows.append(Row(f"{number} {part.__name__}", "-", "-", f"budget spent ({spent:.0f} s)"))
+            continue
+        try:
+            rows += part(quick)
+        except Exception as exc:
+            reason = f"failed: {type(exc).__name__}: {exc}"[:300]
+            rows.append(Row(f"{number} {part.__name__}", "-", "-", reason))
+    return rows
+
+
+def exit_code(rows: list[Row]) -> int:
+    """1: a part that could run failed; 3: none could run (no CUDA); 0: all that ran passed."""
+    if any(r.verdict.startswith("FAIL") for r in rows):
+        return 1
+    if not any(r.verdict == "PASS" for r in rows):
+        return 3
+    return 0
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--quick", action="store_true", help="smaller batches and inputs")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="start no part after this many seconds"
+    )
     args = parser.parse_args()
-    rows: list[Row] = []
-    for part in (teacher_throughput, extract_teacher, student_amp, spconv_vs_minkowski):
-        try:
-            rows += part(args.quick)
-        except Exception as exc:  # one part failing must not hide the others
-            rows.append(Row(part.__name__, "-", "-", f"failed: {type(exc).__name__}: {exc}"[:300]))
+    rows = run_parts(args.quick, args.budget_s)
     device = torch.cuda.get_device_name(0) if cuda() else f"no CUDA ({platform.processor()})"
     print(f"gpu_check on {device}, torch {torch.__version__}")
-    print("| part | what | value | status |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r.part} | {r.what} | {r.value} | {r.status} |")
-    report = {"device": device, "torch": torch.__version__, "rows": [asdict(r) for r in rows]}
+        print(f"{r.part} | {r.what}: {r.verdict}" + (f" | {r.value}" if r.value != "-" else ""))
+    code = exit_code(rows)
+    report = {
+        "device": device,
+        "torch": torch.__version__,
+        "rows": [{**asdict(r), "verdict": r.verdict} for r in rows],
+        "exit_code": code,
+    }
     args.json.write_text(json.dumps(report, indent=2))
-    print(f"-> {args.json}")
+    print(f"-> {args.json}; exit {code}")
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

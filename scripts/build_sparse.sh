@@ -2,7 +2,7 @@
 # Builds (once) and installs the compiled sparse libraries into .venv:
 #   - MinkowskiEngine 0.5.4, CPU build against OpenBLAS (no wheel exists for current torch),
 #   - torch-scatter 2.1.2 from source (no CPU wheel for torch 2.13 on PyPI),
-#   - the spconv CPU wheel (forward on CPU; see hilda/models/sparse/spconv_backend.py).
+#   - the spconv CPU wheel (forward on CPU; see hilda/models/sparse/spconv_ops.py).
 # Built wheels are cached per torch version under $HILDA_WHEEL_CACHE (default
 # ~/.cache/hilda/wheels), so a second set-up on the same machine installs in seconds instead
 # of rebuilding for ~25 min. Called by scripts/setup.sh; safe to re-run.
@@ -37,6 +37,8 @@ need_openblas() {
   fi
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "[sparse] installing libopenblas-dev (apt)"
+    # A fresh container has no package lists: update them first.
+    apt-get update -q >/dev/null
     apt-get install -y -q libopenblas-dev >/dev/null
   else
     echo "[sparse] MinkowskiEngine needs the OpenBLAS headers: install libopenblas-dev" \

@@ -20,8 +20,17 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
-echo "[setup] installing torch (CPU build 2.13.0; set HILDA_TORCH_SPEC to override)"
-$PIP install -q ${HILDA_TORCH_SPEC:-torch==2.13.0}
+# torch 2.13.0 from the configured package index: on Linux from PyPI that is the CUDA build
+# (several GB, runs on the CPU too). HILDA_TORCH=cpu takes the CPU-only build from PyTorch's
+# CPU index instead; HILDA_TORCH_SPEC replaces the whole requirement (e.g. another CUDA).
+case "${HILDA_TORCH:-default}" in
+  cpu) TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" ;;
+  default) TORCH_SPEC="torch==2.13.0" ;;
+  *) echo "[setup] HILDA_TORCH must be cpu or unset, got '$HILDA_TORCH'" >&2; exit 2 ;;
+esac
+TORCH_SPEC=${HILDA_TORCH_SPEC:-$TORCH_SPEC}
+echo "[setup] installing torch ($TORCH_SPEC)"
+$PIP install -q $TORCH_SPEC
 echo "[setup] installing hilda (editable) with its dependencies and the dev tools"
 $PIP install -q -e ".[dev]"
 echo "[setup] sparse libraries: MinkowskiEngine, torch-scatter, spconv (built once, then cached)"

@@ -184,15 +184,30 @@ def test_an_unreadable_teacher_checkpoint_names_the_file(tmp_path: Path, content
 
 
 @pytest.mark.parametrize(
-    "override", ["optim.max_steps=-5", "optim.epochs=0", "optim.batch_size=0", "optim.lr=0"]
+    "override",
+    [
+        "optim.max_steps=-5",
+        "optim.epochs=0",
+        "optim.batch_size=0",
+        "optim.lr=0",
+        "run.checkpoint_every=0",
+    ],
 )
-def test_check_refuses_what_run_would(override: str) -> None:
-    from hilda.engine.config_io import load_config
-    from hilda.errors import ConfigError
-    from hilda.train.config import TrainConfig
+def test_check_refuses_what_run_would(override: str, train_store: str, tmp_path: Path) -> None:
+    """`hilda-train check` and `hilda-train run` refuse the same value with the same line."""
+    from typer.testing import CliRunner
 
-    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
-        load_config(TrainConfig, "tiny_cpu", [override])
+    from hilda.cli.train import app
+
+    key = override.split("=")[0]
+    args = ["--config", "tiny_cpu", "--store", train_store, "--set", override]
+    check = CliRunner().invoke(app, ["check", *args])
+    run = CliRunner().invoke(app, ["run", *args, "--out", str(tmp_path / "run")])
+    for result in (check, run):
+        assert result.exit_code == 2, result.output
+        assert key in result.output, result.output
+    assert check.output.strip() == run.output.strip()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize(

@@ -49,3 +49,38 @@ def test_yaml_overrides_and_round_trip(tmp_path: Path) -> None:
 def test_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(Example, None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr must be finite"),
+        ("optim.betas=[0.9,1.5]", r"optim.betas must each be in \[0, 1\)"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("run.checkpoint_every=0", "run.checkpoint_every must be >= 1"),
+        ("model.voxel.voxel_size=-0.4", "voxel.voxel_size must be a finite number > 0"),
+        ("model.bev_stride=0", "model.bev_stride must be >= 1"),
+    ],
+)
+def test_values_run_would_fail_on_are_refused_when_the_config_loads(
+    override: str, message: str
+) -> None:
+    from hilda.engine.config_io import load_config
+    from hilda.errors import ConfigError
+    from hilda.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, "tiny_cpu", [override])
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path) -> None:
+    from hilda.engine.config_io import load_config
+    from hilda.errors import ConfigError
+    from hilda.train.config import TrainConfig
+
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\nrun:\n  seed: 1\noptim:\n  epochs: 2\n")
+    with pytest.raises(
+        ConfigError, match=rf"{path}:5: key 'optim' is given twice \(first on line 1\)"
+    ):
+        load_config(TrainConfig, str(path))

@@ -142,10 +142,31 @@ def test_random_init_has_the_checkpoints_shape_and_voxels(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("mode", ["linear", "finetune"])
-def test_segmentation_run_trains_what_it_should(nusc_cfg, tmp_path: Path, mode: str) -> None:
+def test_segmentation_run_trains_what_it_should(
+    nusc_cfg, tmp_path: Path, mode: str, monkeypatch
+) -> None:
     path = tiny_backbone(tmp_path / "backbone.pt")
     cfg = seg_config(nusc_cfg.out, mode=mode, augment__enabled=mode == "finetune")
+    models: list[tuple[Segmenter, dict[str, torch.Tensor]]] = []
+    build = seg.Segmenter
+
+    def keep(*args, **kwargs) -> Segmenter:
+        model = build(*args, **kwargs)
+        models.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(seg, "Segmenter", keep)
     result = run_segmentation(cfg, path)
+    # training changed what it should: the head always, the backbone only when fine-tuning
+    ((model, initial),) = models
+    trained = model.state_dict()
+    moved = {
+        k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, trained[k])
+    }
+    assert any(k.startswith("head.") for k in moved), sorted(moved)
+    assert any(k.startswith("backbone.") and "running" not in k for k in moved) == (
+        mode == "finetune"
+    ), sorted(moved)
     out = Path(result["path"])
     assert out == result_path(path, mode, 1.0, "pretrained") and out.parent == tmp_path
     saved = json.loads(out.read_text())
@@ -157,6 +178,8 @@ def test_segmentation_run_trains_what_it_should(nusc_cfg, tmp_path: Path, mode: 
     conf = np.array(saved["confusion"])
     assert conf.shape == (16, 16) and conf.sum() > 1000
     assert all(np.isfinite(v) for _, v in saved["loss_curve"])
+    curve = [v for _, v in saved["loss_curve"]]
+    assert len(curve) >= 2 and curve[-1] < curve[0], curve  # the loss fell
 
 
 def test_linear_probe_leaves_the_backbone_untouched(nusc_cfg, tmp_path: Path) -> None:
@@ -242,14 +265,48 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     assert resumed["confusion"] == whole["confusion"]
 
 
-def test_rankme_on_the_cache(train_store: str, tmp_path: Path) -> None:
+def _rankme_by_numpy(z: np.ndarray) -> float:
+    """RankMe (Garrido et al. 2023, Eq. 1) written here from the paper: exp of the entropy
+    of the normalised singular values, eps = 1e-7."""
+    sigma = np.linalg.svd(z.astype(np.float64), compute_uv=False)
+    p = sigma / sigma.sum() + 1e-7
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_rankme_on_the_cache(train_store: str, tmp_path: Path, monkeypatch) -> None:
+    from hilda.eval import rank
+
+    seen: list[np.ndarray] = []
+
+    def recording(z: torch.Tensor) -> float:
+        seen.append(z.detach().double().numpy())
+        return rankme_impl(z)
+
+    rankme_impl = rank.rankme
+    monkeypatch.setattr(rank, "rankme", recording)
     path = tiny_backbone(tmp_path / "backbone.pt")
     result = backbone_rankme(path, train_store, frames=4, max_points=2000)
     assert Path(result["path"]) == tmp_path / "backbone.rankme.json"
     assert set(result["layers"]) == {"L", "L-1", "L-2", "L-3"}
-    for layer in result["layers"].values():
+    # each layer's figure is RankMe of the embeddings it drew, computed independently
+    assert len(seen) == 4
+    for layer, z in zip(result["layers"].values(), seen, strict=True):
+        assert z.shape == (result["points"], layer["dim"])
+        assert layer["rankme"] == pytest.approx(_rankme_by_numpy(z), rel=1e-6)
         assert 1.0 <= layer["rankme"] <= layer["dim"]
     assert len(result["frames"]) == 4 and result["points"] <= 2000
+
+
+def test_rankme_of_features_of_known_rank() -> None:
+    """Embeddings spanning exactly r directions with equal energy have RankMe r."""
+    from hilda.eval.metrics import rankme
+
+    rng = np.random.default_rng(0)
+    for r in (1, 3, 7):
+        q, _ = np.linalg.qr(rng.normal(size=(32, r)))  # (32, r) orthonormal columns
+        u, _ = np.linalg.qr(rng.normal(size=(500, r)))  # (500, r)
+        z = u @ q.T * 10.0  # (500, 32): r equal singular values
+        assert rankme(torch.from_numpy(z)) == pytest.approx(r, rel=1e-4)
 
 
 def test_figures_are_pngs_of_the_expected_sizes(train_store: str, tmp_path: Path) -> None:

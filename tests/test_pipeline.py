@@ -128,6 +128,11 @@ def test_store_given_as_url(nusc_cfg: SyntheticConfig, nusc_store: Path, tmp_pat
     for url in (f"memory://hilda-{uuid.uuid4().hex}", f"file://{tmp_path / 'url.zarr'}"):
         build_cache(nusc_cfg.out, url, workers=1, stages=("index", "pointmaps", "occupancy"))
         got = arrays(url)
+        # every array of those stages, not only the ones the URL store happens to hold
+        want = {
+            k for k in reference if k.split("/")[0] in ("index", "points", "pointmaps", "occupancy")
+        }
+        assert want and set(got) == want, sorted(set(got) ^ want)
         for name, value in got.items():
             np.testing.assert_array_equal(value, reference[name], err_msg=f"{url} {name}")
 

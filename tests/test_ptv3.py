@@ -360,7 +360,7 @@ def test_pointcept_export_has_pointcepts_keys_and_shapes(tmp_path: Path) -> None
     assert got["dec.dec0.up.proj_skip.0.weight"] == (64, 32)
     params = sum(p.numel() for p in model.parameters())
     assert 46.0e6 < params < 46.4e6
-    path = export_pointcept(model, tmp_path / "pointcept_backbone.pth")
+    path = export_pointcept(model, tmp_path / "pointcept_backbone.pth", voxel=VoxelConfig())
     blob = torch.load(path, weights_only=True)
     assert set(blob["state_dict"]) == {POINTCEPT_PREFIX + k for k in expected}
 

@@ -160,7 +160,7 @@ def test_save_convert_load_round_trip(tmp_path: Path, source: str) -> None:
     target = "spconv" if source == "minkowski" else "minkowski"
     torch.manual_seed(2)
     model = build_student(StudentConfig(backend=source)).eval()
-    path = save_backbone(model, tmp_path / "backbone.pt")
+    path = save_backbone(model, tmp_path / "backbone.pt", voxel=VoxelConfig())
     blob = torch.load(path, weights_only=True)
     assert detect_layout(blob["state_dict"]) == "minkowski"  # exports are Pointcept layout
     other = load_backbone(path, backend=target).eval()

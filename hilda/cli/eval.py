@@ -357,6 +357,10 @@ def compare_cmd(
 
 
 Store = Annotated[str, typer.Option("--store", help="hilda-prep cache (folder or fsspec URL)")]
+VoxelSize = Annotated[
+    float | None,
+    typer.Option("--voxel-size", min=1e-6, help="metres; only for a checkpoint that records none"),
+]
 
 
 @app.command("rankme")
@@ -369,6 +373,7 @@ def rankme_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     init: InitOpt = "pretrained",
     out: Out = None,
+    voxel_size: VoxelSize = None,
 ) -> None:
     """Label-free RankMe of the backbone's point features (each student layer)."""
     from hilda.eval.rank import backbone_rankme
@@ -376,7 +381,14 @@ def rankme_cmd(
     if init not in ("pretrained", "random"):
         raise typer.BadParameter(f"--init must be pretrained or random, got {init!r}")
     r = backbone_rankme(
-        backbone, store, init=init, frames=frames, max_points=points, seed=seed, out=out
+        backbone,
+        store,
+        init=init,
+        frames=frames,
+        max_points=points,
+        seed=seed,
+        out=out,
+        voxel_size=voxel_size,
     )
     layers = ", ".join(f"{k} {v['rankme']:.2f} / {v['dim']}" for k, v in r["layers"].items())
     typer.echo(
@@ -404,12 +416,21 @@ def figures_cmd(
         Path | None,
         typer.Option("--run", help="hilda-train run folder (default: the checkpoint's)"),
     ] = None,
+    voxel_size: VoxelSize = None,
 ) -> None:
     """PCA of the point features (from above and on a camera image), cosine-similarity maps
     of an anchor point against the points and the teacher's patches, and loss curves."""
     from hilda.eval.figures import write_figures
 
     paths = write_figures(
-        backbone, store, out, frame=frame, camera=camera, teacher=teacher, anchor=anchor, run=run
+        backbone,
+        store,
+        out,
+        frame=frame,
+        camera=camera,
+        teacher=teacher,
+        anchor=anchor,
+        run=run,
+        voxel_size=voxel_size,
     )
     typer.echo(f"{len(paths)} figures -> {out}: {', '.join(paths)}")

@@ -15,7 +15,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hilda.cli.common import fail_cleanly, parse_size
+from hilda.errors import ConfigError
+from hilda.pipeline.ops.occupancy import OccupancyConfig
 from hilda.store import teacher_path
+from hilda.train.needs import TEACHER_CHOICES, PrepPlan
+
+# The stages' defaults, written once (in their config dataclasses) and shown by the options.
+GRID, CELL = OccupancyConfig.grid, OccupancyConfig.cell
+LAYERS = "last2"
 
 app = typer.Typer(
     help="Prepare data: the synthetic world, and the Zarr training cache (stages run on Dask).",
@@ -243,10 +250,12 @@ NoWorkerTimeout = Annotated[
 Overwrite = Annotated[bool, typer.Option(help="redo the stage from scratch")]
 SkipBad = Annotated[bool, typer.Option(help="record bad frames as skipped and go on")]
 Teacher = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="HF id, local dir, dinov2_*_pretrain.pth, random:vits14, or oracle (synthetic "
-        "worlds only: known-semantics features from the rendered class maps)"
+        help="required: a HF id, a local dir, an official dinov2_*_pretrain.pth or "
+        "dinov3_*_pretrain_lvd1689m-*.pth, random:<size> (a randomly initialised teacher, "
+        "only when named), or oracle (synthetic worlds only: known-semantics features from "
+        "the rendered class maps)"
     ),
 ]
 Layers = Annotated[str, typer.Option(help="lastK or block indices, e.g. last2 or 10,11")]
@@ -344,8 +353,8 @@ def build_pointmaps_cmd(
 @fail_cleanly
 def build_occupancy_cmd(
     store: Store,
-    grid: Grid = 512,
-    cell: Cell = 0.4,
+    grid: Grid = GRID,
+    cell: Cell = CELL,
     min_height: Annotated[
         float, typer.Option(help="keep points this high above the ground")
     ] = 0.25,
@@ -358,7 +367,6 @@ def build_occupancy_cmd(
     skip_bad: SkipBad = False,
 ) -> None:
     """Stage 4: ego-compensated future (t+1) BEV occupancy, ground removed, bit-packed."""
-    from hilda.pipeline.ops.occupancy import OccupancyConfig
     from hilda.pipeline.stages.occupancy import OccupancyStageConfig, run_occupancy
 
     occ = OccupancyConfig(
@@ -377,8 +385,8 @@ def build_occupancy_cmd(
 @fail_cleanly
 def extract_teacher_cmd(
     store: Store,
-    teacher: Teacher = "random:vits14",
-    layers: Layers = "last2",
+    teacher: Teacher = None,
+    layers: Layers = LAYERS,
     image_size: ImageSize = "448x224",
     norm: Annotated[
         bool, typer.Option(help="apply the final LayerNorm to each block output")
@@ -393,8 +401,11 @@ def extract_teacher_cmd(
     overwrite: Overwrite = False,
     skip_bad: SkipBad = False,
 ) -> None:
-    """Stage 3: DINOv2 multi-layer patch grids and CLS tokens of every camera image."""
+    """Stage 3: the teacher's multi-layer patch grids and CLS tokens of every camera image."""
     from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
+
+    if teacher is None:  # never a default teacher: a cache of random features looks like any
+        raise ConfigError(f"--teacher is required: {TEACHER_CHOICES}")
 
     cfg = TeacherConfig(
         store=store,
@@ -438,40 +449,32 @@ def _prep_plan(
     preset: str | None,
     sets: list[str] | None,
     teacher: str | None,
-    layers: str | None,
-    name: str | None,
-    grid: int | None,
-    cell: float | None,
-) -> dict:
-    """The teacher and occupancy settings of a cache: given explicitly, else what the
-    ``--for`` preset needs (``hilda.train.needs``), else the single commands' defaults."""
-    plan = {
-        "teacher": True,
-        "occupancy": True,
-        "source": "random:vits14",
-        "layers": "last2",
-        "name": None,
-        "grid": 512,
-        "cell": 0.4,
-    }
+    layers: str | None = None,
+    name: str | None = None,
+    grid: int | None = None,
+    cell: float | None = None,
+) -> PrepPlan:
+    """The cache's stages and settings: given explicitly, else what the ``--for`` preset
+    needs (``hilda.train.needs``), else the single commands' defaults."""
+    from hilda.train.needs import cache_needs, prep_plan
+
+    needs = None
     if preset is not None:
         from hilda.engine.config_io import load_config
         from hilda.train.config import TrainConfig
-        from hilda.train.needs import cache_needs
 
         needs = cache_needs(load_config(TrainConfig, preset, list(sets or [])))
-        plan.update(
-            teacher=needs.teacher,
-            occupancy=needs.occupancy,
-            source=needs.teacher_source(),
-            layers=needs.layers,
-            name=needs.group_name(),
-            grid=needs.grid,
-            cell=needs.cell,
-        )
-    given = {"source": teacher, "layers": layers, "name": name, "grid": grid, "cell": cell}
-    plan.update({k: v for k, v in given.items() if v is not None})
-    return plan
+    return prep_plan(
+        needs,
+        teacher=teacher,
+        layers=layers,
+        name=name,
+        grid=grid,
+        cell=cell,
+        default_grid=GRID,
+        default_cell=CELL,
+        default_layers=LAYERS,
+    )
 
 
 @app.command("all")
@@ -487,15 +490,19 @@ def all_cmd(
     preset_sets: PresetSets = None,
     teacher: Annotated[
         str | None,
-        typer.Option(help="teacher source (default: the --for preset's size, or random:vits14)"),
+        typer.Option(
+            help="teacher source (default: the public weights of the --for preset's size)"
+        ),
     ] = None,
     layers: Annotated[str | None, typer.Option(help="lastK or block indices")] = None,
     image_size: ImageSize = "448x224",
     codec: Codec = "int8",
     device: Device = "cpu",
     name: Annotated[str | None, typer.Option(help="teacher group name")] = None,
-    grid: Annotated[int | None, typer.Option(help="BEV cells per side (default 512)")] = None,
-    cell: Annotated[float | None, typer.Option(help="metres per BEV cell (default 0.4)")] = None,
+    grid: Annotated[int | None, typer.Option(help=f"BEV cells per side (default {GRID})")] = None,
+    cell: Annotated[
+        float | None, typer.Option(help=f"metres per BEV cell (default {CELL})")
+    ] = None,
     workers: Workers = 1,
     scheduler: Scheduler = None,
     no_worker_timeout: NoWorkerTimeout = 300.0,
@@ -505,7 +512,7 @@ def all_cmd(
     """Every stage in order on one Dask cluster: index, build-pointmaps, extract-teacher,
     build-occupancy. With --for PRESET, the teacher blocks, group name and BEV grid the preset
     needs (and only the stages it reads). Resumable."""
-    from hilda.pipeline.ops.occupancy import OccupancyConfig
+
     from hilda.pipeline.stages.index import IndexConfig
     from hilda.pipeline.stages.occupancy import OccupancyStageConfig
     from hilda.pipeline.stages.pointmaps import PointmapConfig
@@ -513,23 +520,25 @@ def all_cmd(
     from hilda.pipeline.stages.teacher import TeacherConfig
 
     plan = _prep_plan(for_preset, preset_sets, teacher, layers, name, grid, cell)
-    teacher_cfg = TeacherConfig(
-        out,
-        plan["source"],
-        plan["layers"],
-        parse_size(image_size),
-        codec=codec,
-        device=device,
-        name=plan["name"],
-    )
-    occupancy = OccupancyStageConfig(out, OccupancyConfig(grid=plan["grid"], cell=plan["cell"]))
+    teacher_cfg = None
+    if plan.source is not None:
+        teacher_cfg = TeacherConfig(
+            out,
+            plan.source,
+            plan.layers,
+            parse_size(image_size),
+            codec=codec,
+            device=device,
+            name=plan.name,
+        )
+    occupancy = OccupancyStageConfig(out, OccupancyConfig(grid=plan.grid, cell=plan.cell))
     cfg = PrepareConfig(
         index=IndexConfig(
             dataset, str(root), out, version, split, frames_per_shard=frames_per_shard
         ),
-        pointmaps=PointmapConfig(out) if plan["teacher"] else None,
-        teacher=teacher_cfg if plan["teacher"] else None,
-        occupancy=occupancy if plan["occupancy"] else None,
+        pointmaps=PointmapConfig(out) if plan.teacher else None,
+        teacher=teacher_cfg,
+        occupancy=occupancy if plan.occupancy else None,
     )
     options = _stage_options(
         workers,
@@ -557,22 +566,21 @@ def plan_cmd(
 ) -> None:
     """Print the hilda-prep commands that build a cache the preset can train on (what
     `hilda-prep all --for PRESET` runs, stage by stage)."""
-    plan = _prep_plan(for_preset, preset_sets, teacher, None, None, None, None)
+    plan = _prep_plan(for_preset, preset_sets, teacher)
     lines = [
         f"hilda-prep index --dataset {dataset} --root {root} --version {version} "
         f"--split {split} --out {out}"
     ]
-    if plan["teacher"]:
+    if plan.teacher:
         lines.append(f"hilda-prep build-pointmaps --store {out}")
-        named = f" --name {plan['name']}" if plan["name"] else ""
+        named = f" --name {plan.name}" if plan.name else ""
         lines.append(
-            f"hilda-prep extract-teacher --store {out} --teacher {plan['source']} "
-            f"--layers {plan['layers']}{named}"
+            f"hilda-prep extract-teacher --store {out} --teacher {plan.source} "
+            f"--layers {plan.layers}{named}"
         )
-    if plan["occupancy"]:
+    if plan.occupancy:
         lines.append(
-            f"hilda-prep build-occupancy --store {out} --grid {plan['grid']} "
-            f"--cell {plan['cell']:g}"
+            f"hilda-prep build-occupancy --store {out} --grid {plan.grid} --cell {plan.cell:g}"
         )
     lines.append(f"hilda-train check --config {for_preset} --store {out}")
     typer.echo("\n".join(lines))

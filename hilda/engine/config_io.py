@@ -137,6 +137,24 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key that a mapping holds twice (the later one would
+    silently win: ``optim:`` ... ``optim:`` drops the first section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}:{line}: key {key!r} is given twice (first on "
+                    f"line {seen[key]}): merge the two"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A YAML config as a mapping. A top-level ``base: other.yaml`` (relative to the file)
     is read first and this file's keys are merged over it, so an ablation file holds only
@@ -147,7 +165,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"{path}: circular base chain {[str(p) for p in _seen]}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open() as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -7,8 +7,9 @@ its DDP wrapper), AdamW with a OneCycle schedule, the AMP grad scaler, and the p
 (scaled under fp16 AMP), optional gradient clipping, optimiser and schedule. ``Fit.state`` /
 ``Fit.load`` round-trip through ``hilda.engine.checkpoint``, so a run killed with -9 resumes
 exactly where its last checkpoint stands. The caller owns its data and its loss: it draws
-the epoch's batches from a ``ResumableSampler`` positioned at ``fit.batches_done`` and
-computes the loss under ``fit.autocast()``.
+the epoch's batches from a ``ResumableSampler`` positioned at ``fit.batches_done``; the one
+epoch loop over a ``Fit`` (autocast, the non-finite policy, logging, checkpoints) is
+``hilda.engine.loop.run_loop``.
 
 Under torchrun each process builds the same ``Fit``: BatchNorm is synchronised and the trained
 module is wrapped in DistributedDataParallel; losses are the process's share of the global
@@ -19,7 +20,6 @@ of B.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,8 +40,9 @@ class FitSettings(Protocol):
     pct_start: float
     div_factor: float
     final_div_factor: float
-    amp: bool  # CUDA only; ignored on CPU
+    amp: bool  # autocast on CUDA (on the CPU only with cpu_amp)
     amp_dtype: str  # "float16" (with a grad scaler) or "bfloat16"
+    cpu_amp: bool  # autocast on the CPU too (tests of the AMP path; slower than float32 there)
     grad_clip: float | None
 
 
@@ -95,7 +96,7 @@ class Fit:
             net = DistributedDataParallel(module, device_ids=ids)
         optimizer = build_optimizer(groups(), optim.weight_decay, betas)
         scheduler = build_scheduler(optimizer, total, optim)
-        amp = bool(optim.amp) and device.type == "cuda"
+        amp = bool(optim.amp) and (device.type == "cuda" or bool(optim.cpu_amp))
         dtype = amp_dtype(optim.amp_dtype)
         scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
         return cls(
@@ -118,9 +119,10 @@ class Fit:
         return self.step >= self.total
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The forward's autocast: AMP on CUDA when the config asks for it, else nothing."""
+        """The forward's autocast: AMP on the fit's device when the config asks for it (on the
+        CPU only with ``cpu_amp``), else nothing."""
         if self.amp:
-            return torch.autocast("cuda", dtype=self.dtype)
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
     def update(self, loss: torch.Tensor) -> None:
@@ -179,10 +181,3 @@ class Fit:
         if "rng" in blob:
             set_rng_state(blob["rng"])
         self.step, self.epoch, self.batches_done = blob["step"], blob["epoch"], blob["batches_done"]
-
-
-def check_finite(value: float, where: str) -> None:
-    """A non-finite loss stops the run with where it happened (AMP's scaler skips fp16
-    overflows itself, so callers check only without it)."""
-    if not math.isfinite(value):
-        raise FloatingPointError(f"loss is {value} at {where}")

@@ -5,10 +5,21 @@ main process, cut back to the resume point when a run continues. Pre-training wr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
-from rich.console import Console
+from hilda.errors import ConfigError
+
+
+def require_tensorboard(key: str) -> None:
+    """Refuse ``key=true`` when the tensorboard package is missing: at config time, not as a
+    line in a log after the run started."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            f"{key}=true but the tensorboard package is not installed: pip install "
+            f"tensorboard, or set {key}=false (metrics.jsonl is written either way)"
+        )
 
 
 class MetricsLog:
@@ -34,12 +45,10 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
         if tensorboard is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency; a broken install only loses TB
-                Console(stderr=True).print("[yellow]tensorboard unavailable: metrics.jsonl only")
-            else:
-                self.writer = SummaryWriter(str(tensorboard), purge_step=max(resume_step, 0) + 1)
+            require_tensorboard("tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard), purge_step=max(resume_step, 0) + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

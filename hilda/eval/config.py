@@ -13,10 +13,12 @@ SLidR / SuperFlow code base that most camera-LiDAR distillation papers report wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from hilda.engine.augment import AugmentConfig
+from hilda.engine.metrics import require_tensorboard
 from hilda.errors import ConfigError
 
 EvalDataset = Literal["nuscenes", "synthetic", "semantickitti"]
@@ -75,6 +77,8 @@ class SegDataConfig:
             )
         if (self.subset == "file") != (self.subset_file is not None):
             raise ConfigError("data.subset=file and data.subset_file go together")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
     @property
     def subset_rule(self) -> str:
@@ -104,11 +108,22 @@ class SegOptimConfig:
     div_factor: float = 25.0
     final_div_factor: float = 100.0
     grad_clip: float | None = None  # max global gradient norm
-    # Mixed precision on CUDA (ignored on CPU): float16 with a grad scaler, or bfloat16.
+    # Mixed precision on CUDA (on the CPU only with cpu_amp): float16 with a grad scaler, or
+    # bfloat16.
     amp: bool = True
     amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    cpu_amp: bool = False  # autocast on the CPU too: tests of the AMP path
 
     def __post_init__(self) -> None:
+        for name in ("lr", "head_lr_mult"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"optim.{name} must be finite and > 0, got {value}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"optim.epochs and optim.batch_size must be >= 1, got {self.epochs}, "
+                f"{self.batch_size}"
+            )
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"optim.amp_dtype must be float16 or bfloat16, got {self.amp_dtype}")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -127,6 +142,9 @@ class SegConfig:
     # frame in memory (float16: N points x C x 2 bytes per frame).
     cache_features: bool = False
     seed: int = 0
+    # The backbone's voxel size, for a checkpoint that records none (hilda's exports record
+    # theirs; a checkpoint without one is refused rather than fed voxels of a guessed size).
+    voxel_size: float | None = None
     # One thread and deterministic kernels: a run equals the next, bit for bit (tests; slower).
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda
@@ -143,6 +161,12 @@ class SegConfig:
             raise ConfigError(f"mode must be 'linear' or 'finetune', got {self.mode!r}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
+        if self.voxel_size is not None and not self.voxel_size > 0:
+            raise ConfigError(f"voxel_size must be > 0 (or null), got {self.voxel_size}")
+        if self.tensorboard:
+            require_tensorboard("tensorboard")
         if self.cache_features and (self.mode != "linear" or self.augment.enabled):
             raise ConfigError(
                 "cache_features needs mode=linear and augment.enabled=false: cached features "

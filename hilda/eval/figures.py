@@ -185,6 +185,7 @@ def write_figures(
     anchor: int | None = None,
     run: str | Path | None = None,
     range_m: float = 50.0,
+    voxel_size: float | None = None,
 ) -> dict[str, Path]:
     """Write the figures into ``out``; ``anchor`` is a point index of the frame (default: the
     point seen nearest the image centre), ``run`` the hilda-train folder with metrics.jsonl
@@ -194,7 +195,7 @@ def write_figures(
     view = read_camera_view(store, frame, camera, teacher)
     if len(view.visible) == 0:
         raise HildaError(f"{store}: camera {view.camera} sees no point of frame {frame}")
-    net = build_backbone(str(backbone))
+    net = build_backbone(str(backbone), voxel_size=voxel_size)
     feats = frame_features(net, view.points)[0].numpy()  # (N, C)
     if anchor is None:
         row = central_anchor(view.uv, view.image_size)

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Subset
 
 from hilda.atomic import write_json
@@ -33,9 +32,9 @@ from hilda.engine.distributed import (
     global_mean,
     init_distributed,
     pick_device,
-    reduce_mean,
 )
-from hilda.engine.fit import Fit, check_finite
+from hilda.engine.fit import Fit
+from hilda.engine.loop import LoopSettings, StepLoss, run_loop
 from hilda.engine.metrics import MetricsLog
 from hilda.engine.optim import steps_per_epoch, total_steps
 from hilda.engine.sampler import ResumableSampler
@@ -156,9 +155,10 @@ def feature_epoch(
     device: torch.device,
     epoch: int,
     start: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features (N, C), labels (N,)) of this process's share of each ``optim.batch_size``-
-    frame batch of ``epoch``, in an order seeded by (seed, epoch), from batch ``start`` on."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """(features (N, C), labels (N,), frame rows) of this process's share of each
+    ``optim.batch_size``-frame batch of ``epoch``, in an order seeded by (seed, epoch), from
+    batch ``start`` on."""
     n = len(feats)
     size = local_batch(cfg, world, n) * world.size
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
@@ -166,7 +166,7 @@ def feature_epoch(
         rows = order[i : i + size][world.rank :: world.size].tolist()
         x = torch.cat([feats[r] for r in rows]).to(device, torch.float32)
         y = torch.cat([labels[r] for r in rows]).to(device)
-        yield x, y
+        yield x, y, rows
 
 
 def online_epochs(
@@ -190,55 +190,34 @@ def online_epochs(
 def run_fit(
     fit: Fit,
     epoch_batches: Callable[[int, int], Iterable[Any]],
-    loss_of: Callable[[Any], torch.Tensor],
+    loss_of: Callable[[Any], torch.Tensor | StepLoss],
     cfg: SegConfig,
     console: Console,
     curve: list[tuple[int, float]] | None = None,
     save: Callable[[list[tuple[int, float]]], None] | None = None,
     log: MetricsLog | None = None,
 ) -> list[tuple[int, float]]:
-    """The engine's steps from ``fit``'s position to its last over ``epoch_batches(epoch,
-    batches done)``; returns the loss curve (every ``log_every`` steps, continuing
-    ``curve``, also written to ``log``), shows progress, and hands the curve to ``save``
-    every ``checkpoint_every`` steps and after the last."""
+    """The engine's loop from ``fit``'s position to its last step over ``epoch_batches(epoch,
+    batches done)``; returns the loss curve (every ``log_every`` steps and the last,
+    continuing ``curve``, also written to ``log``) and hands the curve to ``save`` every
+    ``checkpoint_every`` steps and after the last."""
     curve = list(curve or [])
-    progress = Progress(
-        TextColumn(f"[bold]{cfg.mode}[/]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
-        TimeRemainingColumn(),
+
+    def step(batch: Any) -> StepLoss:
+        out = loss_of(batch)
+        return out if isinstance(out, StepLoss) else StepLoss(out)
+
+    settings = LoopSettings(cfg.mode, cfg.log_every, cfg.checkpoint_every)
+    run_loop(
+        fit,
+        epoch_batches,
+        step,
+        settings,
         console=console,
-        disable=not (console.is_terminal and fit.world.main),
+        log=log,
+        save=None if save is None or not cfg.checkpoint_every else lambda: save(curve),
+        on_log=lambda record: curve.append((int(record["step"]), record["loss"])),
     )
-    with progress:
-        task = progress.add_task(cfg.mode, total=fit.total, completed=fit.step, status="")
-        for epoch, done in fit.epochs():
-            batches = epoch_batches(epoch, done)
-            for batch in batches:
-                with fit.autocast():
-                    loss = loss_of(batch)
-                value = float(reduce_mean(loss))
-                if not fit.amp:  # fp16 overflow steps are skipped by the scaler instead
-                    check_finite(value, f"step {fit.step + 1} (epoch {epoch})")
-                fit.update(loss)
-                step = fit.step
-                if step % cfg.log_every == 0 or fit.done:
-                    curve.append((step, value))
-                    if log is not None:
-                        log.write({"step": step, "epoch": epoch, "lr": fit.lr, "loss": value})
-                    if not console.is_terminal and fit.world.main:
-                        console.print(
-                            f"{cfg.mode} step {step}/{fit.total} epoch {epoch} loss {value:.4f}"
-                        )
-                progress.update(task, completed=step, status=f"loss {value:.4f}")
-                # The last step is saved too: a failure while scoring keeps the trained weights.
-                every = cfg.checkpoint_every
-                if save is not None and every and (step % every == 0 or fit.done):
-                    save(curve)
-                if fit.done:
-                    break
-            if hasattr(batches, "close"):
-                batches.close()  # stops a DataLoader mid-epoch (its workers) now
     return curve
 
 
@@ -268,6 +247,11 @@ def evaluate(
         dist.all_reduce(total)
         conf = total.numpy()
     return conf
+
+
+def _frames(split: Split, rows: Iterable[int]) -> str:
+    """The split's frame tokens at ``rows``, for an error naming a step's frames."""
+    return ",".join(split.frames[r].lidar_token for r in rows)
 
 
 def _train(
@@ -303,19 +287,22 @@ def _train(
         def epoch_batches(epoch: int, start: int) -> Iterator[tuple]:
             return feature_epoch(feats, labels, cfg, world, device, epoch, start)
 
-        def loss_of(batch: tuple) -> torch.Tensor:
+        def loss_of(batch: tuple) -> StepLoss:
             model.train()
-            x, y = batch
-            return seg_loss(fit.net(x), y)
+            x, y, rows = batch
+            return StepLoss(seg_loss(fit.net(x), y), frames=_frames(split, rows))
 
     else:
         epoch_batches = online_epochs(split, cfg, world, device)
 
-        def loss_of(batch: SegBatch) -> torch.Tensor:
+        def loss_of(batch: SegBatch) -> StepLoss:
             model.train()
+            frames = _frames(split, batch.index.tolist())
             if model.frozen:  # the backbone runs without a graph; DDP wraps the head
-                return seg_loss(fit.net(model.features(batch.points, batch.batch)), batch.labels)
-            return seg_loss(fit.net(batch.points, batch.batch), batch.labels)
+                logits = fit.net(model.features(batch.points, batch.batch))
+            else:
+                logits = fit.net(batch.points, batch.batch)
+            return StepLoss(seg_loss(logits, batch.labels), frames=frames)
 
     def save(curve: list[tuple[int, float]]) -> None:
         if world.main:
@@ -388,7 +375,7 @@ def run_segmentation(
     train_split = open_split(cfg.data, train_name, fraction=cfg.data.fraction)
     val_split = open_split(cfg.data, val_name, max_frames=cfg.data.max_val_frames)
     torch.manual_seed(cfg.seed)
-    net = build_backbone(str(backbone), init, seed=cfg.seed)
+    net = build_backbone(str(backbone), init, seed=cfg.seed, voxel_size=cfg.voxel_size)
     model = Segmenter(net, len(train_split.classes), frozen=cfg.mode == "linear").to(device)
     n = len(train_split.frames)
     total = total_steps(

@@ -27,13 +27,14 @@ def backbone_rankme(
     max_points: int = 25_600,
     seed: int = 0,
     out: str | Path | None = None,
+    voxel_size: float | None = None,
 ) -> dict:
     """RankMe of each student layer's point features over ``max_points`` points drawn
     uniformly from ``frames`` frames evenly spread over the cache (RankMe's paper uses 25,600
-    embeddings). Writes the result next to the checkpoint (``<stem>.rankme[.random-init].json``)
-    or to ``out``."""
+    embeddings). ``voxel_size``: for a checkpoint that records none. Writes the result next
+    to the checkpoint (``<stem>.rankme[.random-init].json``) or to ``out``."""
     tick = time.perf_counter()
-    net = build_backbone(str(backbone), init, seed=seed)
+    net = build_backbone(str(backbone), init, seed=seed, voxel_size=voxel_size)
     indices, clouds = read_points(store, frames)
     rng = np.random.default_rng(seed)
     per_frame = max(1, max_points // len(clouds))

@@ -26,11 +26,17 @@ class Backbone:
 
 
 def build_backbone(
-    path: str, init: Init = "pretrained", *, seed: int = 0, backend: str | None = None
+    path: str,
+    init: Init = "pretrained",
+    *,
+    seed: int = 0,
+    backend: str | None = None,
+    voxel_size: float | None = None,
 ) -> Backbone:
     """The checkpoint's student, or (``init="random"``) a student of the same architecture and
-    voxelisation initialised afresh from ``seed``: the baseline pre-training must beat."""
-    voxel = backbone_voxel_config(path)
+    voxelisation initialised afresh from ``seed``: the baseline pre-training must beat.
+    ``voxel_size``: for a checkpoint that records none (refused without it)."""
+    voxel = backbone_voxel_config(path, voxel_size)
     if init == "pretrained":
         net = load_backbone(path, backend=backend)
     elif init == "random":

@@ -104,31 +104,51 @@ ARCH_NAMES = {"minkunet34": "MinkUNet34C", "ptv3": "PT-v3m1"}  # as Pointcept na
 _PREFIXES = ("module.", "backbone.", "student.")
 
 
-def save_backbone(model, path, voxel=None) -> Path:
+def _record(model, voxel) -> dict:
+    """What rebuilding and feeding a student needs, beside its weights in every export: the
+    architecture and its config (input channels included), and the voxelisation (voxel size
+    and intensity scale) it was trained on."""
+    from dataclasses import asdict
+
+    from hilda.engine.config_io import to_dict
+
+    if voxel is None:
+        raise ConfigError("an exported backbone must record its voxelisation (voxel=...)")
+    return {
+        "arch": ARCH_NAMES[model.cfg.arch],
+        "config": to_dict(model.cfg),
+        "voxel": asdict(voxel),
+    }
+
+
+def save_backbone(model, path, voxel) -> Path:
     """Write the student alone, in the MinkowskiEngine (= Pointcept) layout, atomically, with
     the voxelisation it was trained on (``voxel``, a VoxelConfig) so downstream users feed it
     the same input. Loads with ``torch.load(path, weights_only=True)``: tensors, strings and
     numbers only.
     """
-    from dataclasses import asdict
-
-    from hilda.engine.config_io import to_dict
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    cfg = to_dict(model.cfg)
     blob = {
         "format": BACKBONE_FORMAT,
         "version": BACKBONE_VERSION,
-        "arch": ARCH_NAMES[model.cfg.arch],
         "layout": "minkowski",
-        "config": cfg,
+        **_record(model, voxel),
         "state_dict": convert_state(state, "minkowski"),
     }
-    if voxel is not None:
-        blob["voxel"] = asdict(voxel)
     return atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def _hilda_record(blob: object) -> dict:
+    """The rebuild record of a checkpoint: a ``backbone.pt``'s own keys, or the ``hilda``
+    entry of a ``pointcept_backbone.pth``; {} for anything else."""
+    if not isinstance(blob, dict):
+        return {}
+    if blob.get("format") == BACKBONE_FORMAT:
+        return blob
+    record = blob.get("hilda")
+    return record if isinstance(record, dict) else {}
 
 
 def read_backbone_state(path) -> tuple[Tensors, dict]:
@@ -144,7 +164,7 @@ def read_backbone_state(path) -> tuple[Tensors, dict]:
     if not isinstance(blob, dict):
         raise ConfigError(f"{path} is not a checkpoint (a {type(blob).__name__})")
     state = blob.get("state_dict", blob)
-    config = blob.get("config", {}) if blob.get("format") == BACKBONE_FORMAT else {}
+    config = _hilda_record(blob).get("config", {})
     cleaned: Tensors = {}
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -156,11 +176,20 @@ def read_backbone_state(path) -> tuple[Tensors, dict]:
         detect_layout(cleaned)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    for name, value in cleaned.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ConfigError(
+                f"backbone checkpoint {path}: tensor {name} holds {bad} non-finite values of "
+                f"{value.numel()} (a diverged or damaged run)"
+            )
     return cleaned, config
 
 
-def backbone_voxel_config(path):
-    """The VoxelConfig a saved backbone was trained with (the default when not recorded)."""
+def backbone_voxel_config(path, voxel_size: float | None = None):
+    """The VoxelConfig a saved backbone was trained with. A checkpoint that records none (a
+    bare state dict, another tool's export) is refused unless ``voxel_size`` is given: a
+    guessed size evaluates the backbone on other voxels than it learned, without a word."""
     from hilda.models.voxelize import VoxelConfig
 
     path = Path(path)
@@ -168,8 +197,23 @@ def backbone_voxel_config(path):
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(f"cannot read backbone checkpoint {path}: {exc}") from exc
-    voxel = blob.get("voxel") if isinstance(blob, dict) else None
-    return VoxelConfig(**voxel) if isinstance(voxel, dict) else VoxelConfig()
+    voxel = _hilda_record(blob).get("voxel")
+    if isinstance(voxel, dict):
+        recorded = VoxelConfig(**voxel)
+        if voxel_size is not None and voxel_size != recorded.voxel_size:
+            raise ConfigError(
+                f"{path} was trained on {recorded.voxel_size} m voxels, not the "
+                f"{voxel_size} m given: leave the voxel size out to use the recorded one"
+            )
+        return recorded
+    if voxel_size is None:
+        raise ConfigError(
+            f"{path} records no voxel size (not a hilda export, or an old one): pass the "
+            "size it was trained on (--voxel-size, or voxel_size= in the eval config)"
+        )
+    if voxel_size <= 0:
+        raise ConfigError(f"voxel size must be > 0, got {voxel_size}")
+    return VoxelConfig(voxel_size=voxel_size)
 
 
 def backbone_student_config(path, backend: str | None = None, **overrides):
@@ -214,12 +258,14 @@ def pointcept_state(model) -> Tensors:
     return convert_state(state, POINTCEPT_LAYOUT[model.cfg.arch])
 
 
-def export_pointcept(model, path) -> Path:
+def export_pointcept(model, path, voxel) -> Path:
     """Write ``pointcept_state(model)`` as a Pointcept checkpoint, atomically: ``state_dict``
     with ``module.backbone.`` keys, which Pointcept's ``CheckpointLoader`` maps onto a
-    segmentor's backbone with ``weight=PATH`` (non-strict: the head is not in it)."""
+    segmentor's backbone with ``weight=PATH`` (non-strict: the head is not in it). The
+    ``hilda`` entry (which Pointcept ignores) records what rebuilding and feeding it needs, so
+    hilda-eval reads this file as it reads ``backbone.pt``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"{POINTCEPT_PREFIX}{k}": v for k, v in pointcept_state(model).items()}
-    blob = {"state_dict": state, "arch": ARCH_NAMES[model.cfg.arch]}
+    blob = {"state_dict": state, "arch": ARCH_NAMES[model.cfg.arch], "hilda": _record(model, voxel)}
     return atomic_write(path, lambda tmp: torch.save(blob, tmp))

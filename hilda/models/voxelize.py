@@ -8,6 +8,7 @@ coordinates); the shift is kept so BEV pooling can place voxels back in the sens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,12 @@ COORD_BITS = 16  # per spatial axis in the lookup keys: 65,536 voxels = 3.3 km a
 class VoxelConfig:
     voxel_size: float = 0.05  # metres (Table F3 grid size)
     intensity_scale: float = 1 / 255  # nuScenes intensities are 0..255; features in ~[0, 1]
+
+    def __post_init__(self) -> None:
+        for name in ("voxel_size", "intensity_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"voxel.{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass

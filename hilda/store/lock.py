@@ -37,12 +37,14 @@ class LockedError(HildaError):
 
 
 def lock_path(target: str | os.PathLike) -> Path | None:
-    """The lock file of a store URL or folder (``X`` -> ``X.lock`` beside it); None where the
-    target is not on a local file system."""
+    """The lock file of a store URL or folder (``X`` -> ``X.lock`` beside it), named from the
+    target's real path (symbolic links resolved), so a store reached through two paths has one
+    lock; None where the target is not on a local file system (s3://, gs://, memory://: no
+    lock is taken there, docs/cache.md)."""
     text = str(target)
     if "://" in text and not text.startswith("file://"):
         return None
-    path = Path(text.removeprefix("file://")).absolute()
+    path = Path(text.removeprefix("file://")).resolve()
     return path.with_name(path.name + ".lock")
 
 

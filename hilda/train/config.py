@@ -9,10 +9,12 @@ what differs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from hilda.engine.augment import AugmentConfig
+from hilda.engine.metrics import require_tensorboard
 from hilda.errors import ConfigError
 from hilda.models.diffusion import DiffusionConfig
 from hilda.models.heads import HeadConfig
@@ -36,6 +38,14 @@ class DataConfig:
     # head's cost. None = every pair (the paper).
     max_pairs_per_image: int | None = None
     num_workers: int = 4  # DataLoader worker processes per rank (0 = in the main process)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.max_pairs_per_image is not None and self.max_pairs_per_image < 1:
+            raise ConfigError(
+                f"data.max_pairs_per_image must be >= 1 (or null), got {self.max_pairs_per_image}"
+            )
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,11 @@ class ModelConfig:
     bev_grid: int = 512  # must equal the cache's occupancy grid
     bev_stride: int = 8  # voxels per BEV cell: 8 x 0.05 m = the cache's 0.4 m cell
 
+    def __post_init__(self) -> None:
+        for name in ("bev_grid", "bev_stride"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -106,8 +121,9 @@ class OptimConfig:
     final_div_factor: float = 100.0
     anneal: Literal["cos", "linear"] = "cos"
     grad_clip: float | None = None  # max global gradient norm
-    amp: bool = True  # CUDA only; ignored on CPU
-    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    amp: bool = True  # mixed precision on CUDA (on the CPU only with cpu_amp)
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"  # float16 runs with a grad scaler
+    cpu_amp: bool = False  # autocast on the CPU too: tests of the AMP path (docs/training.md)
 
     def __post_init__(self) -> None:
         # Refused when the config is loaded, so `hilda-train check` refuses what `run` would.
@@ -116,11 +132,17 @@ class OptimConfig:
                 raise ConfigError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"optim.max_steps must be >= 1 (or null), got {self.max_steps}")
-        if self.lr <= 0 or not 0.0 < self.pct_start < 1.0:
+        if not (math.isfinite(self.lr) and self.lr > 0) or not 0.0 < self.pct_start < 1.0:
             raise ConfigError(
-                f"optim.lr must be > 0 and optim.pct_start in (0, 1), got {self.lr}, "
+                f"optim.lr must be finite and > 0 and optim.pct_start in (0, 1), got {self.lr}, "
                 f"{self.pct_start}"
             )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(
+                f"optim.weight_decay must be finite and >= 0, got {self.weight_decay}"
+            )
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must each be in [0, 1), got {list(self.betas)}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"optim.grad_clip must be > 0 (or null), got {self.grad_clip}")
 
@@ -134,6 +156,13 @@ class RunConfig:
     checkpoint_every: int = 1000  # steps
     log_every: int = 10  # steps
     tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.tensorboard:
+            require_tensorboard("run.tensorboard")
 
 
 @dataclass(frozen=True)

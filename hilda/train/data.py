@@ -88,7 +88,10 @@ def _check_occupancy(reader: CacheReader, needs: CacheNeeds) -> dict:
 def _check_teacher(reader: CacheReader, cfg: TrainConfig) -> dict:
     store, arch = reader.store, cfg.data.teacher_arch
     t = reader.teacher(cfg.data.teacher, arch)
-    if arch is not None and t.arch != arch:
+    # A DINOv2 size with registers is its own teacher: "vits14_reg" (stored as arch vits14
+    # with 4 registers) is not "vits14".
+    stored = f"{t.arch}_reg" if t.family == "dinov2" and t.registers else t.arch
+    if arch is not None and stored != arch:
         want, have = FAMILY_LABELS[family_of(arch)], FAMILY_LABELS.get(t.family, t.family)
         raise CacheMismatchError(
             f"{store}: {t.path}/ holds {t.model_id} (a {have} {t.arch}, patch "

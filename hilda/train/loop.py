@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
 from hilda.atomic import write_json
@@ -29,14 +27,14 @@ from hilda.engine.distributed import (
     device_type,
     init_distributed,
     pick_device,
-    reduce_mean,
     shutdown,
 )
 from hilda.engine.fit import Fit
+from hilda.engine.loop import LoopSettings, StepLoss, run_loop
 from hilda.engine.metrics import MetricsLog
 from hilda.engine.optim import total_steps
 from hilda.engine.sampler import ResumableSampler
-from hilda.errors import ConfigError, HildaError
+from hilda.errors import ConfigError
 from hilda.models.convert import POINTCEPT_FILE, export_pointcept, save_backbone
 from hilda.models.sparse import load_ops
 from hilda.store.lock import writer_lock
@@ -65,22 +63,16 @@ class RunResult:
     backbone: Path | None
 
 
-def train_step(fit: Fit, batch: Batch, cfg: TrainConfig) -> dict[str, float]:
-    """Forward, Eq. 4 and one engine step; returns the global means of every term."""
+def step_loss(fit: Fit, batch: Batch, cfg: TrainConfig) -> StepLoss:
+    """Forward and Eq. 4 of one batch (the engine's loop runs it under autocast and takes
+    the optimiser step)."""
     fit.net.train()
     batch = batch.to(fit.device)
-    with fit.autocast():
-        terms = fit.net(batch)
-        loss = total_loss({k: terms[k] for k in EQ4_TERMS if k in terms}, cfg.loss.weights)
-    if not fit.amp and not torch.isfinite(loss):
-        raise HildaError(
-            f"non-finite loss {float(loss)} on t0 frames {batch.frames.tolist()}: "
-            f"{ {k: float(v) for k, v in terms.items()} }"
-        )
-    fit.update(loss)
-    logged = {k: float(reduce_mean(v)) for k, v in terms.items()}
-    logged["loss"] = float(reduce_mean(loss))
-    return logged
+    terms = fit.net(batch)
+    loss = total_loss({k: terms[k] for k in EQ4_TERMS if k in terms}, cfg.loss.weights)
+    frames = ",".join(str(f) for f in batch.frames.tolist())
+    samples = batch.batch_size * fit.world.size
+    return StepLoss(loss, dict(terms), f"t0 {frames}", samples)
 
 
 def train(
@@ -237,85 +229,45 @@ def _epochs(
     ckpt_path: Path,
     console: Console,
 ) -> dict[str, float]:
-    """Train from the run's position to its last step; returns the last step's record."""
+    """Train from the run's position to its last step through the engine's loop; returns
+    the last step's record."""
     b = cfg.optim.batch_size
-    record: dict[str, float] = {}
-    progress = Progress(
-        TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[status]}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not run.world.main,
-    )
-    with progress:
-        task = progress.add_task(
-            "train", total=run.total, completed=run.step, epoch=run.epoch, status=""
+
+    def batches(epoch: int, done: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        sampler.start = done * b
+        return DataLoader(
+            dataset,
+            batch_size=b,
+            sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=run.device.type == "cuda",
         )
-        for epoch, batches_done in run.epochs():
-            sampler.set_epoch(epoch)
-            sampler.start = batches_done * b
-            loader = DataLoader(
-                dataset,
-                batch_size=b,
-                sampler=sampler,
-                num_workers=cfg.data.num_workers,
-                collate_fn=collate,
-                drop_last=True,
-                pin_memory=run.device.type == "cuda",
-            )
-            tick, seen = time.perf_counter(), 0
-            for batch in loader:
-                terms = train_step(run, batch, cfg)
-                seen += b * run.world.size
-                record = _record(run, terms, seen / max(time.perf_counter() - tick, 1e-9))
-                _report(cfg, run, record, log, progress, task, console)
-                if run.step % cfg.run.checkpoint_every == 0 or run.done:
-                    if run.world.main:
-                        save_checkpoint(ckpt_path, {**run.state(), "config": to_dict(cfg)})
-                if run.done:
-                    break
-    return record
 
+    def save() -> None:
+        if run.world.main:
+            save_checkpoint(ckpt_path, {**run.state(), "config": to_dict(cfg)})
 
-def _record(run: Fit, terms: dict[str, float], rate: float) -> dict[str, float]:
-    return {
-        "step": run.step,
-        "epoch": run.epoch,
-        "lr": run.lr,
-        **terms,
-        "samples_per_s": rate,
-        "time": time.time(),
-    }
-
-
-def _report(
-    cfg: TrainConfig,
-    run: Fit,
-    record: dict,
-    log: MetricsLog,
-    progress: Progress,
-    task,
-    console: Console,
-) -> None:
-    """Metrics every ``log_every`` steps (and a plain line where there is no terminal), and
-    the progress bar every step."""
-    terms = ("loss", *EQ4_TERMS)
-    status = " ".join(f"{k} {record[k]:.4f}" for k in terms if k in record)
-    rate = f"{record['samples_per_s']:.2f} samples/s"
-    if run.step % cfg.run.log_every == 0 or run.done:
-        log.write(record)
-        if run.world.main and not console.is_terminal:  # CI logs: a plain line
-            console.print(f"step {run.step}/{run.total} {status} | {rate}")
-    progress.update(task, completed=run.step, epoch=run.epoch, status=f"{status} | {rate}")
+    settings = LoopSettings("train", cfg.run.log_every, cfg.run.checkpoint_every)
+    return run_loop(
+        run,
+        batches,
+        lambda batch: step_loss(run, batch, cfg),
+        settings,
+        console=console,
+        log=log,
+        save=save,
+    )
 
 
 def export(model: HildaModel, out: Path) -> Path:
     """``backbone.pt`` (the student alone) and ``pointcept_backbone.pth`` (loads in
     Pointcept as ``weight=...``: ``state_dict`` with ``module.backbone.`` keys)."""
-    path = save_backbone(model.student, out / "backbone.pt", voxel=model.cfg.model.voxel)
-    export_pointcept(model.student, out / POINTCEPT_FILE)
+    voxel = model.cfg.model.voxel
+    path = save_backbone(model.student, out / "backbone.pt", voxel=voxel)
+    export_pointcept(model.student, out / POINTCEPT_FILE, voxel=voxel)
     return path
 
 

@@ -21,6 +21,34 @@ with warnings.catch_warnings():
     import MinkowskiEngine as ME
 
 
+class _Float32:
+    """MinkowskiEngine's kernels take float32 only: under autocast (bf16 / fp16 AMP) the
+    module runs with autocast off on float32 features (cast up when an autocast op before it,
+    e.g. a PTv3 linear layer, handed it lower precision). Parameter names are unchanged."""
+
+    def forward(self, x, *args, **kwargs):
+        if x.F.dtype != torch.float32:
+            x = ME.SparseTensor(
+                x.F.float(),
+                coordinate_map_key=x.coordinate_map_key,
+                coordinate_manager=x.coordinate_manager,
+            )
+        with torch.autocast(x.F.device.type, enabled=False):
+            return super().forward(x, *args, **kwargs)
+
+
+class _Conv(_Float32, ME.MinkowskiConvolution):
+    pass
+
+
+class _ConvTranspose(_Float32, ME.MinkowskiConvolutionTranspose):
+    pass
+
+
+class _BatchNorm(_Float32, ME.MinkowskiBatchNorm):
+    pass
+
+
 class MinkowskiOps:
     name = "minkowski"
 
@@ -51,16 +79,14 @@ class MinkowskiOps:
         )
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int, level: int, bias: bool = False):
-        return ME.MinkowskiConvolution(
-            cin, cout, kernel_size=kernel, stride=stride, bias=bias, dimension=3
-        )
+        return _Conv(cin, cout, kernel_size=kernel, stride=stride, bias=bias, dimension=3)
 
     def conv_transpose(self, cin: int, cout: int, level: int):
         """Kernel-2 stride-2 up-convolution back onto the coordinates of ``level``."""
-        return ME.MinkowskiConvolutionTranspose(cin, cout, kernel_size=2, stride=2, dimension=3)
+        return _ConvTranspose(cin, cout, kernel_size=2, stride=2, dimension=3)
 
     def batch_norm(self, channels: int, momentum: float) -> nn.Module:
-        return ME.MinkowskiBatchNorm(channels, momentum=momentum)
+        return _BatchNorm(channels, momentum=momentum)
 
     def relu(self) -> nn.Module:
         return ME.MinkowskiReLU(inplace=True)

@@ -33,6 +33,7 @@ from hilda.models.teacher import (
     parse_layers,
     preprocess,
 )
+from hilda.pipeline.gpus import assign_gpus, worker_device
 from hilda.pipeline.stages.common import (
     StageOptions,
     locked_stage,
@@ -56,7 +57,7 @@ from hilda.store.writer import (
 @dataclass(frozen=True)
 class TeacherConfig:
     store: str
-    teacher: str = "random:vits14"
+    teacher: str  # required: a random teacher only when named (random:<size>)
     layers: str = "last2"
     # (width, height), multiples of the patch size: 14 (DINOv2) or 16 (DINOv3); 448x224 is both
     image_size: tuple[int, int] = (448, 224)
@@ -104,14 +105,15 @@ def teacher_info(source: str) -> TeacherInfo:
 
 
 def _cuda_device() -> torch.device:
-    index = 0
-    try:  # one GPU per Dask worker: the worker's number picks the device
+    """This Dask worker's own GPU (``hilda.pipeline.gpus``); outside a worker, the current
+    device."""
+    try:
         from distributed import get_worker
 
-        index = int(get_worker().name) % torch.cuda.device_count()
-    except (ValueError, ImportError, TypeError):
-        pass
-    return torch.device("cuda", index)
+        get_worker()
+    except (ImportError, ValueError):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", worker_device())
 
 
 def _teacher(cfg: TeacherConfig) -> tuple[Teacher, TeacherInfo, torch.device]:
@@ -365,6 +367,8 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     if cfg.device == "cuda":
         cluster, resources = replace(cluster, gpu_workers=True), {"GPU": 1}
     with stage_client(cfg.store, cluster) as client:
+        if cfg.device == "cuda":
+            assign_gpus(client.client, local=cluster.scheduler is None)
         skipped, _ = run_frame_shards(
             client,
             group,
