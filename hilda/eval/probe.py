@@ -207,6 +207,11 @@ def run_fit(
         out = loss_of(batch)
         return out if isinstance(out, StepLoss) else StepLoss(out)
 
+    def logged(record: dict[str, float]) -> None:
+        curve.append((int(record["step"]), record["loss"]))
+        if log is not None:  # what determines the fit only: a resumed log equals the whole one
+            log.write({k: record[k] for k in ("step", "epoch", "lr", "loss")})
+
     settings = LoopSettings(cfg.mode, cfg.log_every, cfg.checkpoint_every)
     run_loop(
         fit,
@@ -214,9 +219,8 @@ def run_fit(
         step,
         settings,
         console=console,
-        log=log,
         save=None if save is None or not cfg.checkpoint_every else lambda: save(curve),
-        on_log=lambda record: curve.append((int(record["step"]), record["loss"])),
+        on_log=logged,
     )
     return curve
 
