@@ -88,7 +88,7 @@ def teacher_throughput(quick: bool) -> list[Row]:
     if not cuda():
         what = "DINOv2 ViT-S/B/L 14, DINOv3 ViT-S/B/L 16, 224x448 bf16"
         return [Row("1 teacher forward", what, "-", "needs CUDA")]
-    from hilda.models.teacher import MultiLayerTeacher, build_teacher, enable_xformers
+    from hilda.teachers import MultiLayerTeacher, build_teacher, enable_xformers
 
     rows, batch = [], 8 if quick else 32
     x = torch.randn(batch, 3, 224, 448, device="cuda")

@@ -34,7 +34,6 @@ import torch
 from hilda.datasets.io import read_sweep
 from hilda.engine import augment
 from hilda.engine.config_io import load_config
-from hilda.models.teacher import MultiLayerTeacher, build_teacher, parse_layers, preprocess
 from hilda.pipeline.ops.occlusion import visible_mask
 from hilda.pipeline.ops.occupancy import OccupancyConfig, ego_compensate, future_occupancy
 from hilda.pipeline.ops.projection import frame_pairs
@@ -42,6 +41,7 @@ from hilda.pipeline.stages.pointmaps import BORDER_PX, MIN_DEPTH, PointmapConfig
 from hilda.pipeline.stages.teacher import load_images
 from hilda.store import INDEX, OCCUPANCY, teacher_path
 from hilda.store.reader import CacheReader
+from hilda.teachers import MultiLayerTeacher, build_teacher, parse_layers, preprocess
 from hilda.train.config import TrainConfig
 from hilda.train.data import CacheDataset, check_cache, collate, sample_index
 

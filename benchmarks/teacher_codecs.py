@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import zarr
 
-from hilda.models.teacher import MultiLayerTeacher, build_teacher, parse_layers, preprocess
 from hilda.pipeline.stages.teacher import load_images
 from hilda.store import codecs
+from hilda.teachers import MultiLayerTeacher, build_teacher, parse_layers, preprocess
 
 
 def stored_bytes(values: np.ndarray, codec: str) -> int:

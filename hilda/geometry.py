@@ -103,3 +103,18 @@ def is_rigid(transform: np.ndarray, atol: float = 1e-5) -> bool:
     )
     bottom = max(abs(x - y) for x, y in zip(m[3], (0.0, 0.0, 0.0, 1.0), strict=True))
     return abs(det - 1.0) < atol and bottom <= atol
+
+
+def ego_compensate(
+    points: np.ndarray,
+    lidar_to_ego_src: np.ndarray,
+    ego_to_global_src: np.ndarray,
+    lidar_to_ego_dst: np.ndarray,
+    ego_to_global_dst: np.ndarray,
+) -> np.ndarray:
+    """(N, 3) points of the source sweep expressed in the destination LiDAR frame, through
+    both ego poses (the occupancy target and the trainer's aligned history share it)."""
+    src_to_dst = (
+        invert(lidar_to_ego_dst) @ invert(ego_to_global_dst) @ ego_to_global_src @ lidar_to_ego_src
+    )
+    return apply(src_to_dst, points[:, :3])

@@ -175,7 +175,7 @@ def test_looping_samples_are_an_error(nusc_copy: Path) -> None:
 @pytest.mark.parametrize("content", [b"not a checkpoint at all", b""])
 def test_an_unreadable_teacher_checkpoint_names_the_file(tmp_path: Path, content: bytes) -> None:
     from hilda.errors import ConfigError
-    from hilda.models.teacher import build_teacher
+    from hilda.teachers import build_teacher
 
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     path.write_bytes(content)

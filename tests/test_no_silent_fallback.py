@@ -17,8 +17,10 @@ from hilda.cli.prep import app as prep_app
 from hilda.engine.config_io import load_config
 from hilda.errors import ConfigError
 from hilda.pipeline.gpus import WorkerGpus, own_gpu, resolve_layout
+from hilda.pipeline.plan import Given, prep_plan, preset_source
+from hilda.teachers.spec import SIZES
 from hilda.train.config import TrainConfig
-from hilda.train.needs import HUB_SOURCES, cache_needs, prep_plan
+from hilda.train.needs import cache_needs
 from tests.train_helpers import CONFIGS
 
 # --- the teacher: never a random one by default ---------------------------------------------
@@ -26,9 +28,9 @@ from tests.train_helpers import CONFIGS
 
 def test_every_dinov2_size_has_its_public_weights() -> None:
     for size in ("vits14", "vitb14", "vitl14", "vitg14"):
-        assert HUB_SOURCES[size] == f"facebook/dinov2-{_hf_size(size)}"
-        assert HUB_SOURCES[f"{size}_reg"] == f"facebook/dinov2-with-registers-{_hf_size(size)}"
-    assert all(not v.startswith("random:") for v in HUB_SOURCES.values())
+        assert SIZES[size].hub == f"facebook/dinov2-{_hf_size(size)}"
+        assert SIZES[f"{size}_reg"].hub == f"facebook/dinov2-with-registers-{_hf_size(size)}"
+    assert all(not v.hub.startswith("random:") for v in SIZES.values())
 
 
 def _hf_size(size: str) -> str:
@@ -37,14 +39,14 @@ def _hf_size(size: str) -> str:
 
 def test_a_preset_of_an_unknown_or_no_teacher_size_is_refused() -> None:
     reg = cache_needs(load_config(TrainConfig, "paper_vits", ["data.teacher_arch=vitb14_reg"]))
-    assert reg.teacher_source() == "facebook/dinov2-with-registers-base"
+    assert preset_source(reg) == "facebook/dinov2-with-registers-base"
     odd = cache_needs(load_config(TrainConfig, "paper_vits", ["data.teacher_arch=vitx14"]))
     with pytest.raises(ConfigError, match=r"'vitx14' is no known teacher size: use one of vits14"):
-        odd.teacher_source()
+        preset_source(odd)
     tiny = cache_needs(load_config(TrainConfig, CONFIGS / "tiny_cpu.yaml"))
     with pytest.raises(ConfigError, match=r"names no teacher size.*pass --teacher.*random:<size>"):
-        prep_plan(tiny)
-    named = prep_plan(tiny, teacher="random:vits14")
+        prep_plan(tiny, Given())
+    named = prep_plan(tiny, Given(teacher="random:vits14"))
     assert named.source == "random:vits14" and named.layers == tiny.layers
 
 

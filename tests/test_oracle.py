@@ -15,9 +15,9 @@ import zarr
 from hilda.datasets.io import class_map_path, read_class_map
 from hilda.datasets.synthetic.generate import SyntheticConfig
 from hilda.errors import ConfigError, HildaError
-from hilda.models.oracle import OracleSpec, OracleTeacher, colour_statistics, majority_class
 from hilda.pipeline.stages.teacher import load_class_maps
 from hilda.store.reader import CacheReader
+from hilda.teachers.oracle import OracleSpec, OracleTeacher, colour_statistics, majority_class
 from tests.pipeline_helpers import build_cache
 
 ORACLE = dict(teacher="oracle", layers="last2", image_size=(112, 56), name="oracle")

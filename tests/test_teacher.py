@@ -13,20 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from hilda.errors import ConfigError
-from hilda.models.teacher import (
+from hilda.store import codecs
+from hilda.teachers import MultiLayerTeacher, build_teacher, parse_layers
+from hilda.teachers.dinov2 import (
     SIZES,
-    MultiLayerTeacher,
     _config,
     _model_from_config,
-    build_teacher,
     hf_to_official,
     official_pos_embed,
     official_to_hf,
-    parse_layers,
     pos_interpolation,
     use_official_pos_interpolation,
 )
-from hilda.store import codecs
 
 # --- an independent reference: the official forward, written from facebookresearch/dinov2 ----
 # (vision_transformer.py: prepare_tokens_with_masks, interpolate_pos_encoding, Block, Attention,

@@ -28,10 +28,9 @@ from typer.testing import CliRunner
 from hilda.cli.prep import app as prep_app
 from hilda.datasets.synthetic.generate import SyntheticConfig
 from hilda.errors import ConfigError
-from hilda.models import dinov3
-from hilda.models.teacher import MultiLayerTeacher, build_teacher, parse_layers
 from hilda.pipeline.stages.common import StageOptions
 from hilda.pipeline.stages.teacher import TeacherConfig, run_teacher
+from hilda.teachers import MultiLayerTeacher, build_teacher, dinov3, parse_layers
 from tests.pipeline_helpers import build_cache
 
 EPS = 1e-5  # layernormbf16

@@ -218,48 +218,58 @@ def _fractions(text: str, option: str) -> tuple[float, ...]:
         raise typer.BadParameter(f"{option}: expected numbers like 0.01,0.1: {text!r}") from None
 
 
+NuscenesRoot = Annotated[
+    Path | None, typer.Option("--nuscenes-root", help="nuScenes with nuScenes-lidarseg")
+]
+NuscenesVersion = Annotated[
+    str | None,
+    typer.Option("--nuscenes-version", help="default: the root's (v1.0-trainval, v1.0-mini)"),
+]
+KittiRoot = Annotated[
+    Path | None, typer.Option("--semantickitti-root", help="SemanticKITTI (sequences/...)")
+]
+Fractions = Annotated[str, typer.Option("--fractions", help="nuScenes fine-tune label fractions")]
+KittiFractions = Annotated[
+    str, typer.Option("--semantickitti-fractions", help="SemanticKITTI fine-tune fractions")
+]
+TableInit = Annotated[
+    str,
+    typer.Option("--init", help="random: also the random-init baseline of every entry"),
+]
+LinearConfig = Annotated[
+    str, typer.Option("--linear-config", help="the linear probe's config (file or preset)")
+]
+FinetuneConfig = Annotated[
+    str, typer.Option("--finetune-config", help="the fine-tunes' config (file or preset)")
+]
+TableOverrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="override a key of both configs, or of one with a linear. / finetune. prefix, "
+        "e.g. --set data.num_workers=8 --set finetune.optim.epochs=50 (repeatable)",
+    ),
+]
+TableOut = Annotated[
+    Path | None,
+    typer.Option("--out", help="folder of the results (default: <checkpoint>.table/)"),
+]
+
+
 @app.command("table")
 @fail_cleanly
 def table_cmd(
     backbone: Backbone,
-    nuscenes_root: Annotated[
-        Path | None, typer.Option("--nuscenes-root", help="nuScenes with nuScenes-lidarseg")
-    ] = None,
-    nuscenes_version: Annotated[
-        str | None,
-        typer.Option("--nuscenes-version", help="default: the root's (v1.0-trainval, v1.0-mini)"),
-    ] = None,
-    semantickitti_root: Annotated[
-        Path | None, typer.Option("--semantickitti-root", help="SemanticKITTI (sequences/...)")
-    ] = None,
-    fractions: Annotated[
-        str, typer.Option("--fractions", help="nuScenes fine-tune label fractions")
-    ] = "0.01,0.05,0.1,0.25,1.0",
-    semantickitti_fractions: Annotated[
-        str, typer.Option("--semantickitti-fractions", help="SemanticKITTI fine-tune fractions")
-    ] = "0.01",
-    init: Annotated[
-        str,
-        typer.Option("--init", help="random: also the random-init baseline of every entry"),
-    ] = "pretrained",
-    linear_config: Annotated[
-        str, typer.Option("--linear-config", help="the linear probe's config (file or preset)")
-    ] = "eval/linear_probe",
-    finetune_config: Annotated[
-        str, typer.Option("--finetune-config", help="the fine-tunes' config (file or preset)")
-    ] = "eval/finetune",
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="override a key of both configs, or of one with a linear. / finetune. prefix, "
-            "e.g. --set data.num_workers=8 --set finetune.optim.epochs=50 (repeatable)",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="folder of the results (default: <checkpoint>.table/)"),
-    ] = None,
+    nuscenes_root: NuscenesRoot = None,
+    nuscenes_version: NuscenesVersion = None,
+    semantickitti_root: KittiRoot = None,
+    fractions: Fractions = "0.01,0.05,0.1,0.25,1.0",
+    semantickitti_fractions: KittiFractions = "0.01",
+    init: TableInit = "pretrained",
+    linear_config: LinearConfig = "eval/linear_probe",
+    finetune_config: FinetuneConfig = "eval/finetune",
+    overrides: TableOverrides = None,
+    out: TableOut = None,
 ) -> None:
     """One row of Table 1: nuScenes linear probe and 1/5/10/25/100% fine-tunes, SemanticKITTI
     1% fine-tune, as the given datasets allow; resumable (finished entries are not rerun)."""

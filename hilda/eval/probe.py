@@ -258,6 +258,42 @@ def _frames(split: Split, rows: Iterable[int]) -> str:
     return ",".join(split.frames[r].lidar_token for r in rows)
 
 
+def _batches_and_loss(
+    model: Segmenter,
+    fit: Fit,
+    split: Split,
+    cfg: SegConfig,
+    device: torch.device,
+    world: World,
+    console: Console,
+) -> tuple[Callable[[int, int], Iterable[Any]], Callable[[Any], StepLoss]]:
+    """A fit's epochs of batches and the loss of one: the frozen features computed once
+    (``cache_features``), or the (augmented) frames through the backbone."""
+    if cfg.cache_features:
+        feats, labels = frozen_features(model, split, cfg, device, console)
+
+        def feature_batches(epoch: int, start: int) -> Iterator[tuple]:
+            return feature_epoch(feats, labels, cfg, world, device, epoch, start)
+
+        def feature_loss(batch: tuple) -> StepLoss:
+            model.train()
+            x, y, rows = batch
+            return StepLoss(seg_loss(fit.net(x), y), frames=_frames(split, rows))
+
+        return feature_batches, feature_loss
+
+    def frame_loss(batch: SegBatch) -> StepLoss:
+        model.train()
+        frames = _frames(split, batch.index.tolist())
+        if model.frozen:  # the backbone runs without a graph; DDP wraps the head
+            logits = fit.net(model.features(batch.points, batch.batch))
+        else:
+            logits = fit.net(batch.points, batch.batch)
+        return StepLoss(seg_loss(logits, batch.labels), frames=frames)
+
+    return online_epochs(split, cfg, world, device), frame_loss
+
+
 def _train(
     model: Segmenter,
     split: Split,
@@ -285,28 +321,7 @@ def _train(
         console.print(f"resuming from step {fit.step} of {total} ({partial.path.name})")
     if fit.done:
         return curve
-    if cfg.cache_features:
-        feats, labels = frozen_features(model, split, cfg, device, console)
-
-        def epoch_batches(epoch: int, start: int) -> Iterator[tuple]:
-            return feature_epoch(feats, labels, cfg, world, device, epoch, start)
-
-        def loss_of(batch: tuple) -> StepLoss:
-            model.train()
-            x, y, rows = batch
-            return StepLoss(seg_loss(fit.net(x), y), frames=_frames(split, rows))
-
-    else:
-        epoch_batches = online_epochs(split, cfg, world, device)
-
-        def loss_of(batch: SegBatch) -> StepLoss:
-            model.train()
-            frames = _frames(split, batch.index.tolist())
-            if model.frozen:  # the backbone runs without a graph; DDP wraps the head
-                logits = fit.net(model.features(batch.points, batch.batch))
-            else:
-                logits = fit.net(batch.points, batch.batch)
-            return StepLoss(seg_loss(logits, batch.labels), frames=frames)
+    epoch_batches, loss_of = _batches_and_loss(model, fit, split, cfg, device, world, console)
 
     def save(curve: list[tuple[int, float]]) -> None:
         if world.main:
@@ -391,10 +406,11 @@ def run_segmentation(
         f"{train_split.total} {train_name} frames, {len(val_split.frames)} {val_name} frames, "
         f"{total} steps on {device}" + (f" x {world.size} processes" if world.distributed else "")
     )
-    if out is None:
-        path = result_path(backbone, cfg.mode, cfg.data.fraction, init, cfg.data.dataset)
-    else:
-        path = Path(out)
+    path = (
+        Path(out)
+        if out is not None
+        else result_path(backbone, cfg.mode, cfg.data.fraction, init, cfg.data.dataset)
+    )
     sha = file_sha256(backbone)
     partial = PartialRun(partial_path(path), to_dict(cfg), sha, init)
     with deterministic_mode(cfg.deterministic):  # after build_backbone imported the backend
@@ -407,13 +423,10 @@ def run_segmentation(
         "backbone": str(backbone),
         "backbone_sha256": sha,
         **split_record(cfg, train_split, val_split),
-        "steps": total,
-        "device": str(device),
-        "processes": world.size,
+        **{"steps": total, "device": str(device), "processes": world.size},
         **scores(conf, train_split.classes),
         "loss_curve": curve,
-        "train_seconds": train_seconds,
-        "seconds": time.perf_counter() - tick,
+        **{"train_seconds": train_seconds, "seconds": time.perf_counter() - tick},
         "config": to_dict(cfg),
     }
     if world.main:

@@ -88,6 +88,40 @@ def _confusion(
     return conf
 
 
+def _fit_head(
+    cfg: SegConfig,
+    train_x: list[torch.Tensor],
+    train_y: list[torch.Tensor],
+    num_classes: int,
+    console: Console,
+) -> tuple[SegmentationHead, list[tuple[int, float]], int]:
+    """The head trained on the cached teacher features through the engine's loop (one
+    process on the CPU); with its loss curve and step count."""
+    torch.manual_seed(cfg.seed)
+    head = SegmentationHead(train_x[0].shape[1], num_classes)
+    per_epoch = steps_per_epoch(len(train_x), cfg.optim.batch_size)
+    total = total_steps(cfg.optim.epochs, per_epoch, cfg.optim.max_steps)
+    world, device = World(), torch.device("cpu")  # a head on cached features: one process
+    fit = Fit.build(
+        head,
+        lambda: [{"params": list(head.parameters()), "lr": cfg.optim.lr * cfg.optim.head_lr_mult}],
+        cfg.optim,
+        world=world,
+        device=device,
+        total=total,
+        per_epoch=per_epoch,
+    )
+
+    def loss_of(batch: tuple) -> torch.Tensor:
+        head.train()
+        return seg_loss(head(batch[0]), batch[1])
+
+    def epoch_batches(epoch: int, start: int) -> Iterator[tuple]:
+        return feature_epoch(train_x, train_y, cfg, world, device, epoch, start)
+
+    return head, run_fit(fit, epoch_batches, loss_of, cfg, console), total
+
+
 def run_teacher_probe(
     cfg: SegConfig,
     train_store: str,
@@ -111,33 +145,11 @@ def run_teacher_probe(
     name, train_x, train_y = labelled_teacher_points(train_store, train_split, teacher)
     _, val_x, val_y = labelled_teacher_points(val_store, val_split, name)
     classes = train_split.classes
-    torch.manual_seed(cfg.seed)
-    head = SegmentationHead(train_x[0].shape[1], len(classes))
-    per_epoch = steps_per_epoch(len(train_x), cfg.optim.batch_size)
-    total = total_steps(cfg.optim.epochs, per_epoch, cfg.optim.max_steps)
-    world, device = World(), torch.device("cpu")  # a head on cached features: one process
-    fit = Fit.build(
-        head,
-        lambda: [{"params": list(head.parameters()), "lr": cfg.optim.lr * cfg.optim.head_lr_mult}],
-        cfg.optim,
-        world=world,
-        device=device,
-        total=total,
-        per_epoch=per_epoch,
-    )
     console.print(
         f"[bold]hilda-eval[/] teacher probe, teacher/{name}: {len(train_x)} {train_name} frames, "
-        f"{len(val_x)} {val_name} frames, {total} steps"
+        f"{len(val_x)} {val_name} frames"
     )
-
-    def loss_of(batch: tuple) -> torch.Tensor:
-        head.train()
-        return seg_loss(head(batch[0]), batch[1])
-
-    def epoch_batches(epoch: int, start: int) -> Iterator[tuple]:
-        return feature_epoch(train_x, train_y, cfg, world, device, epoch, start)
-
-    curve = run_fit(fit, epoch_batches, loss_of, cfg, console)
+    head, curve, total = _fit_head(cfg, train_x, train_y, len(classes), console)
     result = {
         "protocol": "teacher-linear-probe",
         "teacher": name,

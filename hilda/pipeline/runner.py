@@ -115,22 +115,7 @@ def run_tasks(
         transient=False,
     ) as bar:
         progress = bar.add_task(label, total=total)
-        # Completions arrive through a queue fed by each future's done-callback: O(1) a
-        # task. (``distributed.wait(pending, FIRST_COMPLETED)`` in a loop re-registers every
-        # pending future at each call: O(tasks^2) driver work over a stage, 1k shards at
-        # nuScenes trainval's size.)
-        finished_q: queue.SimpleQueue = queue.SimpleQueue()
-        futures = {}
-        for task in tasks:
-            fut = client.submit(
-                fn,
-                *task.args,
-                key=f"{label}-{task.key}-{os.getpid()}",
-                pure=False,
-                resources=resources,
-            )
-            futures[fut] = task
-            fut.add_done_callback(finished_q.put)
+        finished_q, futures = _submit(client, fn, tasks, label, resources)
         remaining = len(futures)
         alone_since: float | None = None  # when the cluster was last seen without workers
         try:
@@ -154,6 +139,27 @@ def run_tasks(
             for fut in futures:
                 fut.cancel()
     return [results[t.key] for t in tasks]
+
+
+def _submit(
+    client: Any,
+    fn: Callable[..., Any],
+    tasks: Sequence[Task],
+    label: str,
+    resources: dict[str, float] | None,
+) -> tuple[queue.SimpleQueue, dict[Any, Task]]:
+    """Submit every task; completions arrive through a queue fed by each future's
+    done-callback: O(1) a task. (``distributed.wait(pending, FIRST_COMPLETED)`` in a loop
+    re-registers every pending future at each call: O(tasks^2) driver work over a stage, 1k
+    shards at nuScenes trainval's size.)"""
+    finished_q: queue.SimpleQueue = queue.SimpleQueue()
+    futures = {}
+    for task in tasks:
+        key = f"{label}-{task.key}-{os.getpid()}"
+        fut = client.submit(fn, *task.args, key=key, pure=False, resources=resources)
+        futures[fut] = task
+        fut.add_done_callback(finished_q.put)
+    return finished_q, futures
 
 
 def _check_workers(workers: Workers, alone_since: float | None, label: str) -> float | None:

@@ -9,22 +9,11 @@ import numpy as np
 import zarr
 
 from hilda.store.schema import INDEX, OCCUPANCY, POINTMAPS, POINTS, TEACHERS, teacher_path
+from hilda.store.teacher_record import SUMMARY_ATTRS
 from hilda.store.validate import validate_store
 
 # Teacher-group attrs that say which features a cache holds (printed by `hilda-prep info`).
-TEACHER_SUMMARY_KEYS = (
-    "model_id",
-    "family",
-    "patch_size",
-    "grid",
-    "random_init",
-    "weights_hash",
-    "blocks",
-    "image_size",
-    "dim",
-    "norm",
-    "codec",
-)
+TEACHER_SUMMARY_KEYS = SUMMARY_ATTRS
 
 
 def _group_bytes(group: zarr.Group) -> int:

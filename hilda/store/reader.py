@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from hilda.errors import HildaError
+from hilda.errors import ConfigError, HildaError
 from hilda.store import codecs
 from hilda.store.codecs import unpack
 from hilda.store.schema import (
@@ -39,6 +39,7 @@ from hilda.store.schema import (
     stage_command,
     teacher_path,
 )
+from hilda.store.teacher_record import TeacherInfo, TeacherRecord, size_name
 from hilda.store.validate import validate_store
 
 Group = GroupSpec | str  # a group of the layout, or its path (``teacher/<name>``)
@@ -54,19 +55,32 @@ class CacheMismatchError(HildaError):
 
 @dataclass(frozen=True)
 class TeacherGroup:
-    """One ``teacher/<name>/`` group: what was extracted, and how it is stored."""
+    """One complete ``teacher/<name>/`` group and its record."""
 
     name: str
-    model_id: str
-    arch: str
-    dim: int
-    depth: int
-    blocks: tuple[int, ...]  # stored block indices (0-based), in ``cls``'s K order
-    int8: bool  # stored with the int8 codec (decoded on read)
-    registers: int
-    pos_embed_interpolation: str
-    family: str = "dinov2"  # dinov2 | dinov3 | oracle (caches before DINOv3: dinov2)
-    patch_size: int = 14
+    record: TeacherRecord
+
+    @property
+    def info(self) -> TeacherInfo:
+        return self.record.teacher
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Stored block numbers (0-based), in ``cls``'s K order."""
+        return self.record.blocks
+
+    @property
+    def depth(self) -> int:
+        return self.info.depth
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    @property
+    def int8(self) -> bool:
+        """Stored with the int8 codec (decoded on read)."""
+        return self.record.int8
 
     @property
     def path(self) -> str:
@@ -88,6 +102,12 @@ class Pairs:
 
     def take(self, rows: np.ndarray) -> Pairs:
         return Pairs(self.point[rows], self.cam[rows], self.uv[rows])
+
+
+def _size_of(attrs: dict) -> str:
+    """A group's teacher size as configs name it (``vits14_reg`` with registers)."""
+    family = str(attrs.get("family", "dinov2"))
+    return size_name(str(attrs.get("arch")), family, int(attrs.get("registers", 0) or 0))
 
 
 class CacheReader:
@@ -180,7 +200,7 @@ class CacheReader:
             raise CacheMismatchError(f"{self.store}: the cache has no teacher features; run {hint}")
         if name is None:
             fits = [
-                n for n in names if arch is None or self.attrs(f"teacher/{n}").get("arch") == arch
+                n for n in names if arch is None or _size_of(self.attrs(f"teacher/{n}")) == arch
             ]
             if len(fits) > 1:
                 raise CacheMismatchError(
@@ -194,28 +214,12 @@ class CacheReader:
                 f"--name {name}"
             )
         self.require(f"teacher/{name}")
-        t = self.attrs(f"teacher/{name}")
-        arch_name = str(t.get("arch"))
-        depth = t.get("depth")
-        if depth is None:  # every teacher group since schema 1's first release records it
-            raise CacheMismatchError(
-                f"{self.store}: teacher/{name}/ does not record its model's depth; rebuild it "
-                f"with `hilda-prep extract-teacher --overwrite`"
-            )
-        return TeacherGroup(
-            name=name,
-            model_id=str(t.get("model_id")),
-            arch=arch_name,
-            dim=int(t["dim"]),
-            depth=int(depth),
-            blocks=tuple(int(b) for b in t["blocks"]),
-            int8=t.get("storage_dtype") == "int8",
-            registers=int(t.get("registers", 0) or 0),
-            pos_embed_interpolation=str(t.get("pos_embed_interpolation", "")),
-            # Groups from before the family attribute hold a DINOv2 ViT or the oracle.
-            family=str(t.get("family", "oracle" if arch_name == "oracle" else "dinov2")),
-            patch_size=int(t.get("patch_size", 14)),
-        )
+        where = f"{self.store}: teacher/{name}/"
+        try:
+            record = TeacherRecord.from_attrs(self.attrs(f"teacher/{name}"), where)
+        except ConfigError as exc:
+            raise CacheMismatchError(str(exc)) from None
+        return TeacherGroup(name, record)
 
     # -- small per-frame arrays ---------------------------------------------------------------
 

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hilda.store.teacher_record import REQUIRED_ATTRS
+
 SCHEMA = "hilda-cache"
 SCHEMA_VERSION = 1
 DEFAULT_FRAMES_PER_SHARD = 32
@@ -161,18 +163,7 @@ POINTMAPS = GroupSpec(
     required_attrs=("occlusion", "min_depth", "border_px"),
 )
 
-TEACHER_ATTRS = (
-    "model_id",
-    "weights_hash",
-    "blocks",
-    "image_size",
-    "patch_size",
-    "grid",
-    "dim",
-    "norm",
-    "codec",
-    "storage_dtype",
-)
+TEACHER_ATTRS = REQUIRED_ATTRS  # defined with the record they belong to
 
 
 TEACHERS = "teacher"  # the group holding one subgroup per extracted teacher

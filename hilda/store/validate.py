@@ -47,6 +47,39 @@ def _dtype_name(arr: Any) -> str:
     return dt.name
 
 
+def _check_array(
+    arr: Any,
+    path: str,
+    aspec: Any,
+    group: str,
+    dims: dict[str, int],
+    free: dict[str, int],
+    problems: list[str],
+) -> None:
+    """An array's dtype and shape against its spec; symbols not fixed by ``dims`` (``free``)
+    must agree between the arrays of one group."""
+    if _dtype_name(arr) != aspec.dtype:
+        problems.append(f"array {path}: dtype {_dtype_name(arr)}, expected {aspec.dtype}")
+    shape = tuple(arr.shape)
+    if len(shape) != len(aspec.shape):
+        problems.append(f"array {path}: {len(shape)} dims {shape}, expected {aspec.shape}")
+        return
+    for axis, (got, want) in enumerate(zip(shape, aspec.shape, strict=True)):
+        if isinstance(want, int) or want in ("F", "F+1", "V"):
+            expect = (
+                want if isinstance(want, int) else (dims["F"] + 1 if want == "F+1" else dims[want])
+            )
+            if got != expect:
+                what = "frames count mismatch: " if want in ("F", "F+1") else ""
+                problems.append(
+                    f"array {path}: {what}axis {axis} is {got}, expected {want}={expect}"
+                )
+        elif free.setdefault(want, got) != got:
+            problems.append(
+                f"array {path}: axis {axis} is {got}, but {want}={free[want]} elsewhere in {group}/"
+            )
+
+
 def _check_group(
     root: zarr.Group, spec: GroupSpec, dims: dict[str, int], problems: list[str]
 ) -> None:
@@ -87,30 +120,7 @@ def _check_group(
                     f"got {_dtype_name(arr)} {tuple(arr.shape)}"
                 )
             continue
-        aspec = spec.array(name)
-        if _dtype_name(arr) != aspec.dtype:
-            problems.append(f"array {path}: dtype {_dtype_name(arr)}, expected {aspec.dtype}")
-        shape = tuple(arr.shape)
-        if len(shape) != len(aspec.shape):
-            problems.append(f"array {path}: {len(shape)} dims {shape}, expected {aspec.shape}")
-            continue
-        for axis, (got, want) in enumerate(zip(shape, aspec.shape, strict=True)):
-            if isinstance(want, int) or want in ("F", "F+1", "V"):
-                expect = (
-                    want
-                    if isinstance(want, int)
-                    else (dims["F"] + 1 if want == "F+1" else dims[want])
-                )
-                if got != expect:
-                    what = "frames count mismatch: " if want in ("F", "F+1") else ""
-                    problems.append(
-                        f"array {path}: {what}axis {axis} is {got}, expected {want}={expect}"
-                    )
-            elif free.setdefault(want, got) != got:
-                problems.append(
-                    f"array {path}: axis {axis} is {got}, but {want}={free[want]} elsewhere "
-                    f"in {spec.name}/"
-                )
+        _check_array(arr, path, spec.array(name), spec.name, dims, free, problems)
 
 
 def validate_store(

@@ -18,9 +18,8 @@ from torch.utils.data import Dataset
 from hilda.engine import augment
 from hilda.engine.sampler import sample_seed
 from hilda.errors import ConfigError, HildaError
+from hilda.geometry import ego_compensate
 from hilda.models.grid import QuantizedGrid
-from hilda.models.teacher import FAMILY_LABELS, example_source, family_of
-from hilda.pipeline.ops.occupancy import ego_compensate
 from hilda.store import INDEX, OCCUPANCY, POINTMAPS, POINTS
 from hilda.store.reader import (
     CacheMismatchError,
@@ -30,6 +29,7 @@ from hilda.store.reader import (
     TeacherGroup,
     evenly_spaced,
 )
+from hilda.store.teacher_record import FAMILY_LABELS, SIZES
 from hilda.train.config import TrainConfig
 from hilda.train.needs import CacheNeeds, cache_needs
 
@@ -85,31 +85,33 @@ def _check_occupancy(reader: CacheReader, needs: CacheNeeds) -> dict:
     return {"occupancy_grid": int(grid), "occupancy_cell": cell}
 
 
+def _label(size: str) -> str:
+    """The family label of a teacher size (``SIZES``), for messages."""
+    return FAMILY_LABELS[SIZES[size].family] if size in SIZES else "teacher of size"
+
+
 def _check_teacher(reader: CacheReader, cfg: TrainConfig) -> dict:
     store, arch = reader.store, cfg.data.teacher_arch
     t = reader.teacher(cfg.data.teacher, arch)
-    # A DINOv2 size with registers is its own teacher: "vits14_reg" (stored as arch vits14
-    # with 4 registers) is not "vits14".
-    stored = f"{t.arch}_reg" if t.family == "dinov2" and t.registers else t.arch
-    if arch is not None and stored != arch:
-        want, have = FAMILY_LABELS[family_of(arch)], FAMILY_LABELS.get(t.family, t.family)
+    # A DINOv2 size with registers is its own teacher: vits14_reg is not vits14 (size_name).
+    if arch is not None and t.info.size != arch:
         raise CacheMismatchError(
-            f"{store}: {t.path}/ holds {t.model_id} (a {have} {t.arch}, patch "
-            f"{t.patch_size}), the config distils a {want} {arch} teacher: run `hilda-prep "
-            f"extract-teacher --store {store} --teacher <a {want} {arch}, e.g. "
-            f"{example_source(arch)}> --layers lastK --name {arch}` or pick the preset of that "
-            "teacher"
+            f"{store}: {t.path}/ holds {t.info.model_id} (a {t.info.label} {t.info.size}, patch "
+            f"{t.info.patch_size}), the config distils a {_label(arch)} {arch} teacher: run "
+            f"`hilda-prep extract-teacher --store {store} --teacher <a {_label(arch)} {arch}, "
+            f"e.g. random:{arch} or its public weights> --layers lastK --name {arch}` or pick "
+            "the preset of that teacher"
         )
     if (
-        t.family == "dinov2"
-        and t.pos_embed_interpolation.startswith("transformers")
-        and not t.registers
+        t.info.family == "dinov2"
+        and t.info.pos_embed_interpolation.startswith("transformers")
+        and not t.info.registers
     ):
         raise CacheMismatchError(
             f"{store}: {t.path}/ was extracted with transformers' position-embedding "
             "resizing, which differs from the official DINOv2 features (hilda now reproduces "
             f"the official ones): run `hilda-prep extract-teacher --store {store} --teacher "
-            f"{t.model_id} --layers last{len(t.blocks)} --overwrite`"
+            f"{t.info.model_id} --layers last{len(t.blocks)} --overwrite`"
         )
     wanted = {k: t.depth - 1 - k for k in cfg.teacher_offsets}
     if cfg.loss.cls:
@@ -120,7 +122,7 @@ def _check_teacher(reader: CacheReader, cfg: TrainConfig) -> dict:
         raise CacheMismatchError(
             f"{store}: {t.path}/ holds blocks {list(t.blocks)} of {t.depth}, the config "
             f"distils blocks {sorted(wanted.values())} (missing {missing}): run `hilda-prep "
-            f"extract-teacher --store {store} --teacher {t.model_id} --layers last{k} "
+            f"extract-teacher --store {store} --teacher {t.info.model_id} --layers last{k} "
             "--overwrite`"
         )
     return {"teacher_group": t, "blocks": wanted}

@@ -7,6 +7,7 @@ cameras) is format-independent; ``nuscenes_format`` and ``av2_format`` only seri
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,6 +99,54 @@ def scale_config(
         shared_map=True,
         workers=workers,
     )
+
+
+def world_config(
+    format: str,
+    out: Path,
+    *,
+    scenes: int | None,
+    frames_per_scene: int | None,
+    seed: int,
+    image_size: tuple[int, int] | None,
+    version: str,
+    keyframe_every: int,
+    scale: bool,
+    workers: int | None,
+) -> SyntheticConfig:
+    """``hilda-prep make-synthetic``'s world: the small default (2 scenes x 6 keyframes) or,
+    with ``scale``, nuScenes trainval's size (``scale_config``; nuScenes at its own sizes)."""
+    if scale:
+        if format != "nuscenes" or image_size is not None:
+            raise ConfigError("--scale writes nuScenes v1.0-trainval at its own sizes")
+        return scale_config(
+            out,
+            scenes=scenes or 850,
+            frames_per_scene=frames_per_scene or 40,
+            seed=seed,
+            workers=workers or os.cpu_count() or 1,
+        )
+    return SyntheticConfig(
+        format=format,  # type: ignore[arg-type]
+        out=out,
+        scenes=scenes or 2,
+        frames_per_scene=frames_per_scene or 6,
+        seed=seed,
+        image_size=image_size,
+        version=version,
+        keyframe_every=keyframe_every,
+        workers=workers or 1,
+    )
+
+
+def read_hint(cfg: SyntheticConfig) -> str:
+    """How to read a written world back (what ``hilda-prep make-synthetic`` prints last)."""
+    return {
+        "nuscenes": f"read it with: hilda-prep frames --dataset nuscenes --root {cfg.out} "
+        f"--version {cfg.version}",
+        "av2": f"read it with: hilda-prep frames --dataset av2 --root {cfg.out} --split train",
+        "semantickitti": f"{cfg.out}/sequences/NN (train 00-07, 09, 10; val 08)",
+    }[cfg.format]
 
 
 def token(*parts: object) -> str:

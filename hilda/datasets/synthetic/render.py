@@ -265,6 +265,63 @@ def _style_tables() -> tuple[np.ndarray, np.ndarray]:
 CLASS_COLOUR, CLASS_REFLECTIVITY = _style_tables()
 
 
+def _ground_albedo(
+    world: W.World, gp: np.ndarray, lbl: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Colour (n, 3) and reflectivity (n,) of ground hits ``gp`` of classes ``lbl``: value
+    noise, road markings (centre dashes, edge lines) and sidewalk tiles."""
+    base = CLASS_COLOUR[lbl]
+    r = CLASS_REFLECTIVITY[lbl]
+    noise = value_noise(gp, 0.35) * 0.6 + value_noise(gp, 2.0) * 0.4
+    mult = 0.75 + 0.45 * noise
+    road = lbl == GENERAL_INDEX["flat.driveable_surface"]
+    lat = world.road.lateral(gp[:, :2])
+    along = world.road.along(gp[:, :2])
+    centre_dash = (np.abs(lat) < 0.08) & (_frac(along / 6.0) < 0.5)
+    edge_line = np.abs(np.abs(lat) - 3.85) < 0.07
+    marks = road & (centre_dash | edge_line)
+    side = lbl == GENERAL_INDEX["flat.sidewalk"]
+    tiles = side & ((_frac(along / 1.0) < 0.05) | (_frac(lat / 1.0) < 0.05))
+    mult[tiles] *= 0.7
+    col = base * mult[:, None]
+    col[marks] = (0.92, 0.92, 0.88)
+    return col, np.where(marks, 0.9, r)
+
+
+def _object_albedo(
+    prims: Primitives, pi: np.ndarray, p: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Colour (n, 3) and reflectivity (n,) of hits ``p`` on primitives ``pi``: by texture
+    (facade windows, foliage, bodies with legs, stripes, metal, plain)."""
+    base = prims.color[pi].copy()
+    tex = prims.texture[pi]
+    mult = np.ones(len(pi))
+    yaw = prims.yaw[pi]
+    facade_u = (
+        p[:, 0] * np.cos(yaw)
+        + p[:, 1] * np.sin(yaw)
+        - p[:, 0] * np.sin(yaw)
+        + p[:, 1] * np.cos(yaw)
+    )
+    win = (tex == W.TEX_FACADE) & (_frac(p[:, 2] / 3.0) > 0.35) & (_frac(p[:, 2] / 3.0) < 0.8)
+    win &= (_frac(facade_u / 2.5) > 0.3) & (_frac(facade_u / 2.5) < 0.75)
+    base[win] = (0.25, 0.32, 0.42)
+    foliage = tex == W.TEX_FOLIAGE
+    mult[foliage] = 0.55 + 0.8 * value_noise(p[foliage], 0.25)
+    body = tex == W.TEX_BODY
+    legs = body & (p[:, 2] < 0.85)
+    base[legs] = (0.18, 0.2, 0.35)
+    stripes = (tex == W.TEX_STRIPES) & (_frac(p[:, 2] / 0.25) < 0.5)
+    base[stripes] = (0.95, 0.95, 0.95)
+    metal = tex == W.TEX_METAL
+    mult[metal] = 0.85 + 0.3 * value_noise(p[metal], 0.8)
+    plain = tex == W.TEX_PLAIN
+    mult[plain] = 0.85 + 0.3 * value_noise(p[plain], 0.5)
+    r_obj = CLASS_REFLECTIVITY[prims.label[pi]]
+    r_obj[win] = 0.1  # glass returns little
+    return base * mult[:, None], r_obj
+
+
 def surface_albedo(
     world: W.World, prims: Primitives, hits: Hits, points: np.ndarray, ground_lbl: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -274,58 +331,10 @@ def surface_albedo(
     refl = np.zeros(n)
     ground = hits.prim == -1
     if ground.any():
-        gp = points[ground]
-        lbl = ground_lbl[ground]
-        base = CLASS_COLOUR[lbl]
-        r = CLASS_REFLECTIVITY[lbl]
-        noise = value_noise(gp, 0.35) * 0.6 + value_noise(gp, 2.0) * 0.4
-        mult = 0.75 + 0.45 * noise
-        road = lbl == GENERAL_INDEX["flat.driveable_surface"]
-        lat = world.road.lateral(gp[:, :2])
-        along = world.road.along(gp[:, :2])
-        centre_dash = (np.abs(lat) < 0.08) & (_frac(along / 6.0) < 0.5)
-        edge_line = np.abs(np.abs(lat) - 3.85) < 0.07
-        marks = road & (centre_dash | edge_line)
-        side = lbl == GENERAL_INDEX["flat.sidewalk"]
-        tiles = side & ((_frac(along / 1.0) < 0.05) | (_frac(lat / 1.0) < 0.05))
-        mult[tiles] *= 0.7
-        col = base * mult[:, None]
-        col[marks] = (0.92, 0.92, 0.88)
-        r = np.where(marks, 0.9, r)
-        rgb[ground] = col
-        refl[ground] = r
+        rgb[ground], refl[ground] = _ground_albedo(world, points[ground], ground_lbl[ground])
     obj = hits.prim >= 0
     if obj.any():
-        pi = hits.prim[obj]
-        p = points[obj]
-        base = prims.color[pi].copy()
-        tex = prims.texture[pi]
-        mult = np.ones(len(pi))
-        yaw = prims.yaw[pi]
-        facade_u = (
-            p[:, 0] * np.cos(yaw)
-            + p[:, 1] * np.sin(yaw)
-            - p[:, 0] * np.sin(yaw)
-            + p[:, 1] * np.cos(yaw)
-        )
-        win = (tex == W.TEX_FACADE) & (_frac(p[:, 2] / 3.0) > 0.35) & (_frac(p[:, 2] / 3.0) < 0.8)
-        win &= (_frac(facade_u / 2.5) > 0.3) & (_frac(facade_u / 2.5) < 0.75)
-        base[win] = (0.25, 0.32, 0.42)
-        foliage = tex == W.TEX_FOLIAGE
-        mult[foliage] = 0.55 + 0.8 * value_noise(p[foliage], 0.25)
-        body = tex == W.TEX_BODY
-        legs = body & (p[:, 2] < 0.85)
-        base[legs] = (0.18, 0.2, 0.35)
-        stripes = (tex == W.TEX_STRIPES) & (_frac(p[:, 2] / 0.25) < 0.5)
-        base[stripes] = (0.95, 0.95, 0.95)
-        metal = tex == W.TEX_METAL
-        mult[metal] = 0.85 + 0.3 * value_noise(p[metal], 0.8)
-        plain = tex == W.TEX_PLAIN
-        mult[plain] = 0.85 + 0.3 * value_noise(p[plain], 0.5)
-        rgb[obj] = base * mult[:, None]
-        r_obj = CLASS_REFLECTIVITY[prims.label[pi]]
-        r_obj[win] = 0.1  # glass returns little
-        refl[obj] = r_obj
+        rgb[obj], refl[obj] = _object_albedo(prims, hits.prim[obj], points[obj])
     return rgb, refl
 
 

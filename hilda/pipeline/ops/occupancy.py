@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hilda.geometry import apply, invert
+from hilda.geometry import ego_compensate
 from hilda.store.codecs import pack
 
 
@@ -52,20 +52,6 @@ class OccupancyConfig:
             "frame": "t0 LiDAR frame; row = y, column = x, origin at the grid centre",
             **{"config": asdict(self)},
         }
-
-
-def ego_compensate(
-    points: np.ndarray,
-    lidar_to_ego_src: np.ndarray,
-    ego_to_global_src: np.ndarray,
-    lidar_to_ego_dst: np.ndarray,
-    ego_to_global_dst: np.ndarray,
-) -> np.ndarray:
-    """(N, 3) points of the source sweep expressed in the destination LiDAR frame."""
-    src_to_dst = (
-        invert(lidar_to_ego_dst) @ invert(ego_to_global_dst) @ ego_to_global_src @ lidar_to_ego_src
-    )
-    return apply(src_to_dst, points[:, :3])
 
 
 def fit_ground(points: np.ndarray, cfg: OccupancyConfig, seed: int) -> np.ndarray:

@@ -43,6 +43,21 @@ class StageOptions:
     overwrite: bool = False
     skip_bad: bool = False
 
+    @classmethod
+    def of(
+        cls,
+        workers: int,
+        scheduler: str | None,
+        overwrite: bool,
+        skip_bad: bool,
+        *,
+        gpu: bool = False,
+        no_worker_timeout: float = 300.0,
+    ) -> StageOptions:
+        """From the stage commands' options."""
+        cluster = ClusterConfig(workers, scheduler, gpu, no_worker_timeout=no_worker_timeout)
+        return cls(cluster, overwrite, skip_bad)
+
 
 def stage_client(store: str, cluster: ClusterConfig) -> contextlib.AbstractContextManager[Workers]:
     """The stage's Dask client; memory:// stores live in one process, so their stages run

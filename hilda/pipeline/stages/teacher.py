@@ -1,7 +1,7 @@
-"""Stage 3, ``hilda-prep extract-teacher``: DINOv2 multi-layer patch grids and CLS tokens of
-every camera image, stored on the patch grid (the trainer samples it bilinearly at each
-pair's uv, which equals upsample-then-index). ``--teacher oracle`` writes the synthetic
-world's known-semantics features (``hilda.models.oracle``) in the same layout instead."""
+"""Stage 3, ``hilda-prep extract-teacher``: a teacher's (``hilda.teachers``) multi-layer
+patch grids and CLS tokens of every camera image, stored on the patch grid (the trainer
+samples it bilinearly at each pair's uv, which equals upsample-then-index). The stage knows
+no family: DINOv2, DINOv3 and the synthetic world's oracle are one ``Teacher`` protocol."""
 
 from __future__ import annotations
 
@@ -22,17 +22,6 @@ from hilda.datasets.io import (
     require_file,
 )
 from hilda.errors import ConfigError, FrameError
-from hilda.models.oracle import ORACLE_ID, OracleSpec, OracleTeacher
-from hilda.models.oracle import PATCH as ORACLE_PATCH
-from hilda.models.teacher import (
-    FAMILY_LABELS,
-    MultiLayerTeacher,
-    TeacherInfo,
-    build_teacher,
-    enable_xformers,
-    parse_layers,
-    preprocess,
-)
 from hilda.pipeline.gpus import assign_gpus, worker_device
 from hilda.pipeline.stages.common import (
     StageOptions,
@@ -43,6 +32,7 @@ from hilda.pipeline.stages.common import (
 from hilda.store import codecs
 from hilda.store.reader import index_info, open_store, read_index
 from hilda.store.schema import INDEX, TEACHERS, normalize_store, teacher_group, teacher_path
+from hilda.store.teacher_record import Layers, TeacherInfo, TeacherRecord
 from hilda.store.writer import (
     open_for_stage,
     prepare_group,
@@ -52,6 +42,7 @@ from hilda.store.writer import (
     write_frames,
     write_teacher_block,
 )
+from hilda.teachers import Teacher, load_teacher, parse_teacher, teacher_info
 
 
 @dataclass(frozen=True)
@@ -80,28 +71,7 @@ class TeacherConfig:
         return base or "teacher"
 
 
-Teacher = MultiLayerTeacher | OracleTeacher
-_CACHE: dict[tuple, tuple[Teacher, TeacherInfo, torch.device]] = {}
-
-
-def teacher_info(source: str) -> TeacherInfo:
-    """What the store records about the teacher ``source`` (a DINOv2 / DINOv3 source or
-    ``oracle``)."""
-    if source == ORACLE_ID:
-        spec = OracleSpec()
-        return TeacherInfo(
-            model_id=ORACLE_ID,
-            arch=ORACLE_ID,
-            dim=spec.dim,
-            depth=spec.depth,
-            registers=0,
-            weights_hash=spec.weights_hash(),
-            random_init=False,
-            pos_embed_interpolation="none (no position embeddings)",
-            family="oracle",
-            patch_size=ORACLE_PATCH,
-        )
-    return build_teacher(source)[1]
+_CACHE: dict[tuple, tuple[Teacher, torch.device]] = {}
 
 
 def _cuda_device() -> torch.device:
@@ -116,23 +86,13 @@ def _cuda_device() -> torch.device:
     return torch.device("cuda", worker_device())
 
 
-def _teacher(cfg: TeacherConfig) -> tuple[Teacher, TeacherInfo, torch.device]:
-    """The worker's teacher, built once per process."""
+def _teacher(cfg: TeacherConfig) -> tuple[Teacher, torch.device]:
+    """The worker's teacher on its device, built once per process."""
     key = (cfg.teacher, cfg.layers, cfg.norm, cfg.device)
-    if key in _CACHE:
-        return _CACHE[key]
-    cpu = torch.device("cpu")
-    if cfg.teacher == ORACLE_ID:
-        info = teacher_info(ORACLE_ID)
-        _CACHE[key] = (OracleTeacher(OracleSpec(), parse_layers(cfg.layers, info.depth)), info, cpu)
-        return _CACHE[key]
-    model, info = build_teacher(cfg.teacher)
-    device = _cuda_device() if cfg.device == "cuda" else cpu
-    if device.type == "cuda":
-        model = model.to(device)
-        enable_xformers(model)
-    blocks = parse_layers(cfg.layers, info.depth)
-    _CACHE[key] = (MultiLayerTeacher(model, blocks, cfg.norm), info, device)
+    if key not in _CACHE:
+        device = _cuda_device() if cfg.device == "cuda" else torch.device("cpu")
+        teacher = load_teacher(cfg.teacher, cfg.layers, cfg.norm).to(device)
+        _CACHE[key] = (teacher, teacher.device)  # where its inputs are decoded
     return _CACHE[key]
 
 
@@ -212,13 +172,14 @@ def load_class_maps(paths: list[str], size: tuple[int, int], frame: str) -> list
 @dataclass
 class _Decoded:
     images: list[np.ndarray]
-    class_maps: list[np.ndarray]  # oracle only
+    class_maps: list[np.ndarray]  # for a teacher that reads them (the oracle)
     where: list[tuple[int, int]]  # (frame in shard, camera) of each image
     skipped: dict[int, str]
 
 
 def _decode(
     cfg: TeacherConfig,
+    teacher: Teacher,
     tokens: np.ndarray,
     paths: np.ndarray,
     sizes: np.ndarray,
@@ -227,9 +188,9 @@ def _decode(
     threads: int,
     device: torch.device,
 ) -> _Decoded:
-    """Every present image of the shard's frames (and its class map for the oracle); a bad
-    frame is an error naming it, or recorded as skipped with ``skip_bad``. On CUDA with
-    torchvision the JPEGs are decoded on the GPU, else by ``threads`` threads."""
+    """Every present image of the shard's frames (and its class map for a teacher that reads
+    them); a bad frame is an error naming it, or recorded as skipped with ``skip_bad``. On
+    CUDA with torchvision the JPEGs are decoded on the GPU, else by ``threads`` threads."""
     out = _Decoded([], [], [], {})
     on_gpu = device.type == "cuda" and cuda_decode_available("cuda")
     for i in range(len(paths)):
@@ -243,7 +204,7 @@ def _decode(
                 images = load_images(files, cfg.image_size, str(tokens[i]), threads, expect)
             maps = (
                 load_class_maps(files, cfg.image_size, str(tokens[i]))
-                if cfg.teacher == ORACLE_ID
+                if teacher.needs_class_maps
                 else []
             )
         except DatasetError as exc:
@@ -259,20 +220,13 @@ def _decode(
     return out
 
 
-def _forward(
-    cfg: TeacherConfig, teacher: Teacher, device: torch.device, decoded: _Decoded
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def _forward(cfg: TeacherConfig, teacher: Teacher, decoded: _Decoded) -> list[tuple]:
     """Per image: patches (K, h, w, D) and CLS (K, D) as float32."""
     out = []
     for s in range(0, len(decoded.images), cfg.batch_size):
         images = decoded.images[s : s + cfg.batch_size]
-        if isinstance(teacher, OracleTeacher):
-            patches, cls = teacher(images, decoded.class_maps[s : s + cfg.batch_size])
-        else:
-            batch = preprocess(images, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                p, c = teacher(batch)  # (B, K, h, w, D), (B, K, D)
-            patches, cls = p.float().cpu().numpy(), c.float().cpu().numpy()
+        maps = decoded.class_maps[s : s + cfg.batch_size]
+        patches, cls = teacher.features(images, maps)  # (B, K, h, w, D), (B, K, D)
         out += list(zip(patches, cls, strict=True))
     return out
 
@@ -311,7 +265,8 @@ def extract_shard(
 ) -> dict[str, Any]:
     """Dask task: features of frames [f0, f1); writes exactly one shard of each array."""
     torch.set_num_threads(threads)
-    teacher, info, device = _teacher(cfg)
+    teacher, device = _teacher(cfg)
+    info = teacher.info
     root = open_store(cfg.store)
     index = read_index(root, ("token", "image_path", "image_size"), f0, f1)
     tokens, paths = index["token"], index["image_path"]  # (n,), (n, V) ("" = no image)
@@ -320,10 +275,10 @@ def extract_shard(
     p = info.patch_size
     k, h, w, dim = len(teacher.blocks), height // p, width // p, info.dim
     sizes = index["image_size"]  # (n, V, 2) width, height
-    decoded = _decode(cfg, tokens, paths, sizes, f0, skip_bad, threads, device)
+    decoded = _decode(cfg, teacher, tokens, paths, sizes, f0, skip_bad, threads, device)
     feats = np.zeros((n, v, k, h, w, dim), dtype=np.float32)  # skipped frames stay zero
     cls = np.zeros((n, v, k, dim), dtype=np.float32)
-    for (i, j), (p, c) in zip(decoded.where, _forward(cfg, teacher, device, decoded), strict=True):
+    for (i, j), (p, c) in zip(decoded.where, _forward(cfg, teacher, decoded), strict=True):
         feats[i, j], cls[i, j] = p, c
     stats = _write_layers(cfg, teacher.blocks, feats, decoded.where, f0, f1)
     write_frames(cfg.store, teacher_path(cfg.group_name()), f0, f1, {"cls": cls})
@@ -333,22 +288,22 @@ def extract_shard(
 @locked_stage("extract-teacher")
 def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
     """The extract-teacher stage: patch features and CLS tokens of every camera image."""
-    info = teacher_info(cfg.teacher)
+    spec = parse_teacher(cfg.teacher)
+    info = teacher_info(spec)
     _check_options(cfg, info.patch_size)
     builds = teacher_path(cfg.group_name())
     root = open_for_stage(cfg.store, require=(INDEX.name,), builds=builds)
-    if info.arch == ORACLE_ID:
+    if spec.reads_class_maps:  # synthetic worlds alone have them
         _require_class_maps(root)
     if info.random_init:
         from hilda.pipeline.runner import console
 
         console.print(
             f"[bold yellow]WARNING: teacher {cfg.teacher} is a RANDOMLY INITIALISED "
-            f"{FAMILY_LABELS.get(info.family, info.family)} "
-            f"({info.arch}); its features carry no learned semantics. "
+            f"{info.label} ({info.arch}); its features carry no learned semantics. "
             "Recorded as such in the store.[/]"
         )
-    blocks = parse_layers(cfg.layers, info.depth)
+    blocks = list(Layers.parse(cfg.layers, info.depth).blocks)
     index = index_info(root)
     num_frames, fps = index.num_frames, index.frames_per_shard
     dtype = codecs.storage_dtype(cfg.codec)
@@ -404,33 +359,27 @@ def _check_options(cfg: TeacherConfig, patch: int) -> None:
 
 
 def _group_attrs(cfg: TeacherConfig, info: TeacherInfo, blocks: list[int], dtype: str) -> dict:
-    """The teacher group's provenance: what was extracted, how, and how it is stored."""
-    width, height = cfg.image_size
-    return {
-        "model_id": info.model_id,
-        "random_init": info.random_init,
-        "arch": info.arch,
-        "weights_hash": info.weights_hash,
-        "blocks": blocks,
-        "image_size": [width, height],
-        "family": info.family,
-        "patch_size": info.patch_size,
-        "grid": [height // info.patch_size, width // info.patch_size],
-        "dim": info.dim,
-        "depth": info.depth,
-        "registers": info.registers,
-        "norm": "final LayerNorm (get_intermediate_layers norm=True)"
-        if cfg.norm
-        else "none (raw block output)",
-        "codec": cfg.codec
-        if cfg.codec != "bitround"
-        else f"bitround keepbits={codecs.BITROUND_KEEPBITS}",
-        "storage_dtype": dtype,
-        "resize": "nvjpeg + antialiased bicubic to image_size, ImageNet mean/std"
+    """The teacher group's provenance (``TeacherRecord``): what was extracted, how, and how
+    it is stored."""
+    norm = "final LayerNorm (get_intermediate_layers norm=True)" if cfg.norm else None
+    codec = (
+        cfg.codec if cfg.codec != "bitround" else f"bitround keepbits={codecs.BITROUND_KEEPBITS}"
+    )
+    resize = (
+        "nvjpeg + antialiased bicubic to image_size, ImageNet mean/std"
         if cuda_decode_available(cfg.device)
-        else "PIL draft + bicubic to image_size, ImageNet mean/std",
-        "pos_embed_interpolation": info.pos_embed_interpolation,
-    }
+        else "PIL draft + bicubic to image_size, ImageNet mean/std"
+    )
+    record = TeacherRecord(
+        teacher=info,
+        blocks=tuple(blocks),
+        image_size=cfg.image_size,
+        norm=norm or "none (raw block output)",
+        codec=codec,
+        storage_dtype=dtype,
+        resize=resize,
+    )
+    return record.to_attrs()
 
 
 def codec_fidelity(shard_stats: dict[str, dict[str, list[float]]]) -> dict[str, dict]:

@@ -43,6 +43,9 @@ import torch
 from torch import nn
 
 from hilda.errors import ConfigError
+from hilda.store.teacher_record import TeacherInfo
+from hilda.teachers.spec import TeacherSpec, read_official_state
+from hilda.teachers.vit import model_info
 
 PATCH = 16
 STORAGE_TOKENS = 4
@@ -246,3 +249,44 @@ def hf_to_official(model: nn.Module) -> dict[str, torch.Tensor]:
         mask[dim : 2 * dim] = 0
         out[f"{dst}attn.qkv.bias_mask"] = mask
     return out
+
+
+FAMILY = "dinov3"
+MODEL_TYPES = ("dinov3_vit",)  # transformers' config.model_type
+ROPE = (
+    "none: RoPE (official DINOv3: patch centres normalised per axis to [-1, 1], base 100, no "
+    "coordinate augmentation at inference)"
+)
+
+
+def load(
+    spec: TeacherSpec, state: dict[str, torch.Tensor] | None = None
+) -> tuple[nn.Module, TeacherInfo]:
+    """A DINOv3 of ``spec``: ``random:<size>`` (seeded) or an official checkpoint's
+    ``state``."""
+    if spec.kind == "random":
+        arch = spec.size or ""
+        torch.manual_seed(0)  # the same random teacher everywhere
+        model = build(arch)
+    else:
+        state = state if state is not None else read_official_state(spec.source)
+        arch = arch_of(state, spec.source)
+        model = build(arch)
+        model.load_state_dict(official_to_hf(state, model, spec.source), strict=True)
+    return model, model_info(model, spec.source, arch, spec.kind == "random", FAMILY, ROPE)
+
+
+def from_transformers(model: nn.Module, source: str) -> tuple[nn.Module, TeacherInfo]:
+    """A DINOv3 loaded by transformers (a folder or a hub id): its size by shape."""
+    c = model.config
+    if c.use_gated_mlp and c.hidden_act != "silu":
+        raise ConfigError(
+            f"teacher {source}: a SwiGLU DINOv3 whose config gates with {c.hidden_act!r}; the "
+            "official model gates with SiLU (set hidden_act to silu in its config.json)"
+        )
+    shape = (int(c.hidden_size), int(c.num_hidden_layers), bool(c.use_gated_mlp))
+    arch = next(
+        (n for n, s in SIZES.items() if (s.dim, s.depth, s.swiglu) == shape),
+        f"dinov3_vit-{c.hidden_size}",
+    )
+    return model, model_info(model, source, arch, False, FAMILY, ROPE)

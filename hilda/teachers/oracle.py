@@ -7,7 +7,8 @@ with shading and surface detail and the classes are not trivially separable. Eac
 its own embedding and projection; the CLS token is the mean of the image's patch features.
 
 It is written to the same cache group, with the same codecs, as DINOv2's features, so the
-trainer, the evaluation and every test exercise the real path; what the student can learn from
+trainer, the evaluation and every test exercise the real path (it is a ``Teacher`` like the
+ViTs, so the stage has no oracle branch); what the student can learn from
 it is known in advance, which makes "distillation transfers semantics" a testable claim. Pure
 numpy.
 """
@@ -19,7 +20,11 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
+from hilda.store.teacher_record import TeacherInfo
+
+FAMILY = "oracle"
 PATCH = 14
 ORACLE_ID = "oracle"
 NUM_LABELS = 256  # uint8 class maps
@@ -64,12 +69,34 @@ def colour_statistics(image: np.ndarray) -> np.ndarray:
     return np.concatenate([(mean - 0.5) * 2.0, std * 4.0], axis=-1)
 
 
-class OracleTeacher:
-    """Patch features and CLS tokens of selected blocks, like ``MultiLayerTeacher``."""
+def oracle_info(spec: OracleSpec | None = None) -> TeacherInfo:
+    """The oracle's record in the store."""
+    spec = spec or OracleSpec()
+    return TeacherInfo(
+        model_id=ORACLE_ID,
+        arch=ORACLE_ID,
+        dim=spec.dim,
+        depth=spec.depth,
+        registers=0,
+        weights_hash=spec.weights_hash(),
+        random_init=False,
+        pos_embed_interpolation="none (no position embeddings)",
+        family=FAMILY,
+        patch_size=PATCH,
+    )
 
-    def __init__(self, spec: OracleSpec, blocks: list[int]) -> None:
+
+class OracleTeacher:
+    """Patch features and CLS tokens of selected blocks, like a ViT teacher's: a ``Teacher``
+    that reads each image's class map beside it. Pure numpy, on the CPU whatever the device."""
+
+    needs_class_maps = True
+    device = torch.device("cpu")  # numpy: its inputs are decoded on the CPU
+
+    def __init__(self, spec: OracleSpec, blocks: list[int] | tuple[int, ...]) -> None:
         self.spec = spec
-        self.blocks = blocks
+        self.blocks = tuple(blocks)
+        self.info = oracle_info(spec)
         self.embed, self.project = [], []
         for block in blocks:
             rng = np.random.default_rng([spec.seed, block])
@@ -92,3 +119,12 @@ class OracleTeacher:
             patches.append(np.stack(per_block))  # (K, h, w, D)
         out = np.stack(patches).astype(np.float32)  # (B, K, h, w, D)
         return out, out.mean(axis=(2, 3))
+
+    def to(self, device: torch.device) -> OracleTeacher:
+        del device  # numpy on the CPU whatever the stage's device
+        return self
+
+    def features(
+        self, images: list[np.ndarray], class_maps: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self(images, class_maps)
