@@ -34,14 +34,27 @@ from hilda.cli.common import (
 )
 from hilda.cli.common import LayersOpt as Layers
 from hilda.errors import ConfigError
+from hilda.pipeline.ops.occlusion import OcclusionRule
 from hilda.pipeline.ops.occupancy import OccupancyConfig
 from hilda.pipeline.plan import Given, PrepPlan, Source
+from hilda.pipeline.stages.index import IndexConfig
+from hilda.pipeline.stages.teacher import TeacherConfig
 from hilda.store import teacher_path
 from hilda.teachers.spec import TEACHER_CHOICES
 
 # The stages' defaults, written once (in their config dataclasses) and shown by the options.
 GRID, CELL = OccupancyConfig.grid, OccupancyConfig.cell
+MIN_H, MAX_H, HORIZON = (
+    OccupancyConfig.min_height,
+    OccupancyConfig.max_height,
+    OccupancyConfig.horizon,
+)
 LAYERS = Given.default_layers
+VERSION, SPLIT = IndexConfig.version, IndexConfig.split
+EVERY, FPS = IndexConfig.keyframe_every, IndexConfig.frames_per_shard
+RULE = OcclusionRule()
+T = TeacherConfig
+IMAGE = "x".join(str(v) for v in T.image_size)
 
 app = typer.Typer(
     help="Prepare data: the synthetic world, and the Zarr training cache (stages run on Dask).",
@@ -86,10 +99,10 @@ def index_cmd(
     out: Store,
     dataset: DatasetName = "nuscenes",
     root: Root = Path("out/synthetic"),
-    version: Version = "v1.0-mini",
-    split: Split = "all",
-    keyframe_every: KeyframeEvery = 5,
-    frames_per_shard: FramesPerShard = 32,
+    version: Version = VERSION,
+    split: Split = SPLIT,
+    keyframe_every: KeyframeEvery = EVERY,
+    frames_per_shard: FramesPerShard = FPS,
     workers: Workers = 1,
     scheduler: Scheduler = None,
     timeout: NoWorkerTimeout = 300.0,
@@ -120,9 +133,13 @@ def build_pointmaps_cmd(
     occlusion: Annotated[
         bool, typer.Option(help="drop points hidden behind nearer surfaces")
     ] = True,
-    cell_px: Annotated[float, typer.Option(help="occlusion z-buffer cell, pixels")] = 8.0,
-    abs_tol: Annotated[float, typer.Option(help="occlusion depth tolerance, metres")] = 0.5,
-    rel_tol: Annotated[float, typer.Option(help="occlusion depth tolerance, fraction")] = 0.05,
+    cell_px: Annotated[float, typer.Option(help="occlusion z-buffer cell, pixels")] = RULE.cell_px,
+    abs_tol: Annotated[
+        float, typer.Option(help="occlusion depth tolerance, metres")
+    ] = RULE.abs_tol,
+    rel_tol: Annotated[
+        float, typer.Option(help="occlusion depth tolerance, fraction")
+    ] = RULE.rel_tol,
     workers: Workers = 1,
     scheduler: Scheduler = None,
     timeout: NoWorkerTimeout = 300.0,
@@ -147,9 +164,9 @@ def build_occupancy_cmd(
     cell: Cell = CELL,
     min_height: Annotated[
         float, typer.Option(help="keep points this high above the ground")
-    ] = 0.25,
-    max_height: Annotated[float, typer.Option(help="... and at most this high")] = 4.0,
-    horizon: Annotated[int, typer.Option(min=1, help="keyframes ahead")] = 1,
+    ] = MIN_H,
+    max_height: Annotated[float, typer.Option(help="... and at most this high")] = MAX_H,
+    horizon: Annotated[int, typer.Option(min=1, help="keyframes ahead")] = HORIZON,
     workers: Workers = 1,
     scheduler: Scheduler = None,
     timeout: NoWorkerTimeout = 300.0,
@@ -173,13 +190,13 @@ def extract_teacher_cmd(
     store: Store,
     teacher: Teacher = None,
     layers: Layers = LAYERS,
-    image_size: ImageSize = "448x224",
+    image_size: ImageSize = IMAGE,
     norm: Annotated[
         bool, typer.Option(help="apply the final LayerNorm to each block output")
     ] = True,
-    codec: Codec = "int8",
-    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 6,
-    device: Device = "cpu",
+    codec: Codec = T.codec,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = T.batch_size,
+    device: Device = T.device,
     name: Annotated[str | None, typer.Option(help="group name under teacher/")] = None,
     workers: Workers = 1,
     scheduler: Scheduler = None,
@@ -235,9 +252,9 @@ def all_cmd(
     out: Store,
     dataset: DatasetName = "nuscenes",
     root: Root = Path("out/synthetic"),
-    version: Version = "v1.0-mini",
-    split: Split = "all",
-    frames_per_shard: FramesPerShard = 32,
+    version: Version = VERSION,
+    split: Split = SPLIT,
+    frames_per_shard: FramesPerShard = FPS,
     for_preset: ForPreset = None,
     preset_sets: PresetSets = None,
     teacher: Annotated[
@@ -247,9 +264,9 @@ def all_cmd(
         ),
     ] = None,
     layers: Annotated[str | None, typer.Option(help="lastK or block indices")] = None,
-    image_size: ImageSize = "448x224",
-    codec: Codec = "int8",
-    device: Device = "cpu",
+    image_size: ImageSize = IMAGE,
+    codec: Codec = T.codec,
+    device: Device = T.device,
     name: Annotated[str | None, typer.Option(help="teacher group name")] = None,
     grid: Annotated[int | None, typer.Option(help=f"BEV cells per side (default {GRID})")] = None,
     cell: Annotated[

@@ -211,7 +211,11 @@ class Layers:
     @classmethod
     def from_offsets(cls, offsets: set[int] | tuple[int, ...], depth: int) -> Layers:
         """The blocks that offsets from the last block (0 = the last) name."""
-        return cls(tuple(sorted(depth - 1 - k for k in offsets)), depth)
+        return cls(tuple(sorted(depth - 1 - k for k in offsets)), depth)  # ascending blocks
+
+    def block(self, offset: int) -> int:
+        """The block number of an offset from the last block (0 = the last)."""
+        return self.depth - 1 - offset
 
     @property
     def offsets(self) -> tuple[int, ...]:

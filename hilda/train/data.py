@@ -29,7 +29,7 @@ from hilda.store.reader import (
     TeacherGroup,
     evenly_spaced,
 )
-from hilda.store.teacher_record import FAMILY_LABELS, SIZES
+from hilda.store.teacher_record import FAMILY_LABELS, SIZES, Layers
 from hilda.train.config import TrainConfig
 from hilda.train.needs import CacheNeeds, cache_needs
 
@@ -111,19 +111,18 @@ def _check_teacher(reader: CacheReader, cfg: TrainConfig) -> dict:
             f"{store}: {t.path}/ was extracted with transformers' position-embedding "
             "resizing, which differs from the official DINOv2 features (hilda now reproduces "
             f"the official ones): run `hilda-prep extract-teacher --store {store} --teacher "
-            f"{t.info.model_id} --layers last{len(t.blocks)} --overwrite`"
+            f"{t.info.model_id} --layers {Layers.last(len(t.blocks))} --overwrite`"
         )
-    wanted = {k: t.depth - 1 - k for k in cfg.teacher_offsets}
-    if cfg.loss.cls:
-        wanted.setdefault(0, t.depth - 1)
-    missing = sorted(b for b in wanted.values() if b not in t.blocks)
+    offsets = [*cfg.teacher_offsets, *([0] if cfg.loss.cls else [])]  # Eq. 2: the last block
+    layers = Layers.from_offsets(set(offsets), t.depth)
+    wanted = {k: layers.block(k) for k in dict.fromkeys(offsets)}  # offset -> block
+    missing = sorted(b for b in layers.blocks if b not in t.blocks)
     if missing:
-        k = max(t.depth - b for b in wanted.values())
         raise CacheMismatchError(
             f"{store}: {t.path}/ holds blocks {list(t.blocks)} of {t.depth}, the config "
-            f"distils blocks {sorted(wanted.values())} (missing {missing}): run `hilda-prep "
-            f"extract-teacher --store {store} --teacher {t.info.model_id} --layers last{k} "
-            "--overwrite`"
+            f"distils blocks {list(layers.blocks)} (missing {missing}): run `hilda-prep "
+            f"extract-teacher --store {store} --teacher {t.info.model_id} --layers "
+            f"{layers.covering()} --overwrite`"
         )
     return {"teacher_group": t, "blocks": wanted}
 

@@ -48,7 +48,7 @@ from hilda.teachers import Teacher, load_teacher, parse_teacher, teacher_info
 @dataclass(frozen=True)
 class TeacherConfig:
     store: str
-    teacher: str  # required: a random teacher only when named (random:<size>)
+    teacher: str  # required: a randomly initialised teacher only when the user names one
     layers: str = "last2"
     # (width, height), multiples of the patch size: 14 (DINOv2) or 16 (DINOv3); 448x224 is both
     image_size: tuple[int, int] = (448, 224)
