@@ -77,6 +77,9 @@ InitOpt = Annotated[
 Out = Annotated[
     Path | None, typer.Option("--out", help="result JSON (default: next to the checkpoint)")
 ]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="replace a result already at the output")
+]
 
 
 def _seg_config(
@@ -100,7 +103,7 @@ def _seg_config(
     return load_config(SegConfig, config, sets)
 
 
-def _run_seg(cfg, backbone: Path, init: str, out: Path | None) -> None:
+def _run_seg(cfg, backbone: Path, init: str, out: Path | None, overwrite: bool) -> None:
     from rich.console import Console
 
     from hilda.eval.probe import run_segmentation
@@ -112,7 +115,9 @@ def _run_seg(cfg, backbone: Path, init: str, out: Path | None) -> None:
 
     console = Console(quiet=not main_process())  # torchrun: the first process reports
     try:
-        result = run_segmentation(cfg, backbone, init, out=out, console=console)
+        result = run_segmentation(
+            cfg, backbone, init, out=out, console=console, overwrite=overwrite
+        )
         console.print(result_table([result]))
         console.print(f"mIoU {100 * result['miou']:.2f} -> {result['path']}")
     finally:
@@ -129,10 +134,12 @@ def linear_probe_cmd(
     overrides: Overrides = None,
     init: InitOpt = "pretrained",
     out: Out = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Frozen backbone, BatchNorm + linear head trained with cross-entropy on lidarseg labels;
     mIoU and per-class IoU on the validation frames (HilDA Sec. C.2)."""
-    _run_seg(_seg_config("linear", config, overrides, dataset, root), backbone, init, out)
+    cfg = _seg_config("linear", config, overrides, dataset, root)
+    _run_seg(cfg, backbone, init, out, overwrite)
 
 
 @app.command("teacher-probe")
@@ -196,6 +203,7 @@ def finetune_cmd(
             "a line, or a .npy of them, e.g. ScaLR's lists)",
         ),
     ] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """The whole network trained on a fraction of the labelled frames (Table 1: 1, 5, 10, 25,
     100% of nuScenes by SLidR's scene protocol, 1% of SemanticKITTI as every 100th scan); mIoU
@@ -208,7 +216,7 @@ def finetune_cmd(
     if subset_file is not None:
         extra += ["data.subset=file", f"data.subset_file={subset_file.resolve()}"]
     cfg = _seg_config("finetune", config, overrides, dataset, root, extra)
-    _run_seg(cfg, backbone, init, out)
+    _run_seg(cfg, backbone, init, out, overwrite)
 
 
 def _fractions(text: str, option: str) -> tuple[float, ...]:

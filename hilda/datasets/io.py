@@ -14,6 +14,8 @@ import numpy as np
 from hilda.errors import HildaError
 
 NUSCENES_POINT_DIMS = 5  # x, y, z, intensity, ring index (float32)
+MAX_RING = 128  # ring indices are beam numbers: nuScenes' 32, the densest spinning LiDARs 128
+MAX_RANGE_M = 1000.0  # no automotive LiDAR returns from farther
 # The synthetic world's per-pixel classes (general-category index, 0 = sky) are a PNG beside
 # each camera image: ``<image stem>.classes.png``. Real datasets have none.
 CLASS_MAP_SUFFIX = ".classes.png"
@@ -75,8 +77,35 @@ def read_nuscenes_sweep(path: str | os.PathLike, frame: str | None = None) -> np
             f"truncated sweep: {size} bytes is not a whole number of {NUSCENES_POINT_DIMS}-float32 "
             f"points ({record} bytes each): {_where(path, frame)}"
         )
+    _check_layout(
+        np.fromfile(str(path), dtype=np.float32).reshape(-1, NUSCENES_POINT_DIMS), path, frame
+    )
     points = LidarPointCloud.from_file(str(path)).points.T  # (N, 4)
     return _check_points(np.ascontiguousarray(points, dtype=np.float32), path, frame)
+
+
+def _check_layout(raw: np.ndarray, path: str | os.PathLike, frame: str | None) -> None:
+    """(N, 5) floats of a sweep that only has the right length: a file of another layout (4
+    floats a point, say) reads as garbage whose ring column is no beam number, or whose
+    coordinates are beyond any sensor's range. Cheap checks, named with the file."""
+    finite = np.isfinite(raw).all(axis=1)
+    ring, xyz = raw[finite, 4], raw[finite, :3]
+    bad_ring = (ring < 0) | (ring >= MAX_RING) | (ring != np.round(ring))
+    if bad_ring.any():
+        first = float(ring[np.argmax(bad_ring)])
+        raise DatasetError(
+            f"not a nuScenes sweep (x, y, z, intensity, ring as 5 float32 a point): "
+            f"{int(bad_ring.sum())} of {len(ring)} points have a ring index that is no beam "
+            f"number in [0, {MAX_RING}) (e.g. {first:g}); written with another layout? "
+            f"{_where(path, frame)}"
+        )
+    far = np.abs(xyz).max(axis=1) > MAX_RANGE_M
+    if far.any():
+        raise DatasetError(
+            f"not a nuScenes sweep: {int(far.sum())} of {len(xyz)} points lie beyond "
+            f"{MAX_RANGE_M:g} m (e.g. {xyz[np.argmax(far)].tolist()}); written with another "
+            f"layout? {_where(path, frame)}"
+        )
 
 
 def read_av2_sweep(path: str | os.PathLike, frame: str | None = None) -> np.ndarray:

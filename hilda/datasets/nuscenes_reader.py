@@ -24,6 +24,18 @@ CAMERAS: tuple[str, ...] = (
 )
 LIDAR = "LIDAR_TOP"
 MAX_NEIGHBOUR_GAP_US = 1_000_000  # keyframes are 0.5 s apart; a larger gap means a dropped sample
+# (table, field, referenced table): the references a frame is built from. The devkit indexes
+# tables by token and lets a duplicated token's later record win, and resolves a dangling one
+# only when asked: both are checked once, up front.
+REFERENCES = (
+    ("scene", "log_token", "log"),
+    ("scene", "first_sample_token", "sample"),
+    ("sample", "scene_token", "scene"),
+    ("sample_data", "sample_token", "sample"),
+    ("sample_data", "ego_pose_token", "ego_pose"),
+    ("sample_data", "calibrated_sensor_token", "calibrated_sensor"),
+    ("calibrated_sensor", "sensor_token", "sensor"),
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +88,33 @@ class NuScenesReader:
                     f"(a mini or test version needs --split all or mini_train/mini_val)"
                 )
         self.has_labels = hasattr(self.nusc, "lidarseg")
+        self._check_tables(table_root)
         self.skipped: dict[str, str] = {}  # scene name -> what is wrong with its sample links
         self.frames: list[Frame] = self._build(scenes)
+
+    def _check_tables(self, table_root: str) -> None:
+        """Tables that contradict themselves are errors naming table, token and field: a token
+        given twice (the devkit keeps the later record) and a reference to no record."""
+        names = [*self.nusc.table_names, *(["lidarseg"] if self.has_labels else [])]
+        tokens: dict[str, set[str]] = {}
+        for name in names:
+            seen: set[str] = set()
+            for row in getattr(self.nusc, name, []):
+                if row["token"] in seen:
+                    raise DatasetError(
+                        f"{table_root}/{name}.json holds token {row['token']} twice (the devkit "
+                        "would silently keep the later record): remove one"
+                    )
+                seen.add(row["token"])
+            tokens[name] = seen
+        for table, field, target in REFERENCES:
+            for row in getattr(self.nusc, table, []):
+                ref = row.get(field)
+                if ref and ref not in tokens.get(target, ()):
+                    raise DatasetError(
+                        f"{table_root}/{table}.json record {row['token']}: {field} {ref} is no "
+                        f"record of {target}.json"
+                    )
 
     @property
     def coarse_label_lut(self) -> np.ndarray:
@@ -192,6 +229,13 @@ class NuScenesReader:
                 problem = (
                     f"{tables}: scene {scene['name']} links to sample {tok}, which sample.json "
                     "does not hold (scene.json first_sample_token or a sample's 'next')"
+                )
+                break
+            if out and sample["timestamp"] <= out[-1]["timestamp"]:
+                problem = (
+                    f"{tables}/sample.json: keyframe timestamps of scene {scene['name']} go "
+                    f"backwards along 'next': sample {tok} has timestamp {sample['timestamp']}, "
+                    f"not after {out[-1]['timestamp']} of sample {out[-1]['token']}"
                 )
                 break
             out.append(sample)

@@ -375,6 +375,24 @@ def scores(conf: np.ndarray, classes: tuple[str, ...]) -> dict:
     }
 
 
+def _output(
+    cfg: SegConfig, backbone: str | Path, init: Init, out: str | Path | None, overwrite: bool
+) -> Path:
+    """The result's path (``out``, else beside the checkpoint); an existing result is refused
+    unless ``overwrite``."""
+    path = (
+        Path(out)
+        if out is not None
+        else result_path(backbone, cfg.mode, cfg.data.fraction, init, cfg.data.dataset)
+    )
+    if path.exists() and not overwrite:
+        raise ConfigError(
+            f"{path} holds a result already: pass --overwrite to replace it (it is kept until "
+            "the new one is complete) or --out another file"
+        )
+    return path
+
+
 def run_segmentation(
     cfg: SegConfig,
     backbone: str | Path,
@@ -382,14 +400,18 @@ def run_segmentation(
     *,
     out: str | Path | None = None,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train and score one linear probe / fine-tune run; returns (and writes) the result.
     Under torchrun the processes train data-parallel (the global batch split over them) and
-    the first one writes the result and the checkpoints."""
+    the first one writes the result and the checkpoints. A result already at the output is
+    never silently replaced: refused unless ``overwrite`` (the previous file then stays until
+    the new one is written whole)."""
     world = init_distributed(device_type(cfg.device))
     console = (console or Console()) if world.main else Console(quiet=True)
     tick = time.perf_counter()
     device = pick_device(cfg.device, world)
+    path = _output(cfg, backbone, init, out, overwrite)  # before any work: refused at once
     _, train_name, val_name = cfg.data.resolved()
     train_split = open_split(cfg.data, train_name, fraction=cfg.data.fraction)
     val_split = open_split(cfg.data, val_name, max_frames=cfg.data.max_val_frames)
@@ -405,11 +427,6 @@ def run_segmentation(
         f"[bold]hilda-eval[/] {what} on {cfg.data.dataset}, {init} backbone {backbone}: {n} of "
         f"{train_split.total} {train_name} frames, {len(val_split.frames)} {val_name} frames, "
         f"{total} steps on {device}" + (f" x {world.size} processes" if world.distributed else "")
-    )
-    path = (
-        Path(out)
-        if out is not None
-        else result_path(backbone, cfg.mode, cfg.data.fraction, init, cfg.data.dataset)
     )
     sha = file_sha256(backbone)
     partial = PartialRun(partial_path(path), to_dict(cfg), sha, init)

@@ -204,7 +204,10 @@ def run_table(spec: TableSpec, out: str | Path, console: Console | None = None) 
         result = finished(path, cfg, sha)
         if result is None:
             console.rule(where)
-            result = run_segmentation(cfg, spec.backbone, entry.init, out=path, console=console)
+            # not finished (or finished with another protocol): the table's own rerun
+            result = run_segmentation(
+                cfg, spec.backbone, entry.init, out=path, console=console, overwrite=True
+            )
         console.print(f"{where}: mIoU {100 * result['miou']:.2f} ({path.name})")
         results[entry] = result
         table = table_record(spec, sha, entries, results)

@@ -50,6 +50,24 @@ class Workers:
     address: str = ""
 
 
+CONNECT_TIMEOUT_S = 10.0  # how long a stage tries an existing scheduler before giving up
+
+
+def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse an existing scheduler that cannot be reached, before a stage changes anything
+    (an ``--overwrite`` would otherwise empty a finished group first)."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout):
+            pass
+    except (OSError, TimeoutError) as exc:
+        raise NoWorkersError(
+            f"cannot reach the Dask scheduler {address} ({type(exc).__name__}: {exc}); "
+            "nothing in the store was changed"
+        ) from None
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator[Workers]:
     """A ``distributed.Client`` on an existing scheduler or on a fresh local cluster."""

@@ -77,7 +77,14 @@ def staged_shards(store: str, staging: str, n: int) -> list[bool]:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return [False] * n
     names = set(root.group_keys())
-    return [str(i) in names and bool(root[str(i)].attrs.get("complete")) for i in range(n)]
+    return [str(i) in names and _staged_clean(root[str(i)]) for i in range(n)]
+
+
+def _staged_clean(shard: zarr.Group) -> bool:
+    """A staged shard counts as done only when complete and free of frame errors: a failed
+    frame is never recorded as done, so a rerun reads it again (its file may have been fixed),
+    and ``--skip-bad`` records only what is bad now."""
+    return bool(shard.attrs.get("complete")) and not shard.attrs.get("errors")
 
 
 def staged_counts(

@@ -15,7 +15,14 @@ import numpy as np
 import zarr
 
 from hilda.errors import FrameError
-from hilda.pipeline.runner import ClusterConfig, Task, Workers, dask_client, run_tasks
+from hilda.pipeline.runner import (
+    ClusterConfig,
+    Task,
+    Workers,
+    check_scheduler,
+    dask_client,
+    run_tasks,
+)
 from hilda.store.lock import writer_lock
 from hilda.store.ragged import (
     Rows,
@@ -74,6 +81,8 @@ def locked_stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run(cfg: Any, options: StageOptions) -> Any:
+            if options.cluster.scheduler:  # connect first, then change the store
+                check_scheduler(options.cluster.scheduler)
             with writer_lock(cfg.store, f"hilda-prep {name}"):
                 return fn(cfg, options)
 
