@@ -158,3 +158,87 @@ def nusc_copy(nusc_cfg, tmp_path: Path) -> Path:
     root = tmp_path / "nusc"
     shutil.copytree(nusc_cfg.out, root)
     return root
+
+
+# --- every parse error names its file and field, every storage error its path -----------------
+
+
+@pytest.mark.parametrize(
+    "table, field, value, match",
+    [
+        ("ego_pose", "rotation", "abc", r"ego_pose\.json record \w+: rotation 'abc'"),
+        ("sample_data", "width", "224px", r"sample_data\.json record \w+: width '224px'"),
+    ],
+)
+def test_a_non_numeric_table_field_names_table_record_and_field(
+    nusc_copy: Path, table: str, field: str, value: str, match: str
+) -> None:
+    from hilda.datasets import open_dataset
+    from hilda.datasets.io import DatasetError
+    from tests.test_bad_input import _tables, _write_tables
+
+    rows = _tables(nusc_copy, table)
+    for row in rows:
+        if field in row and (table != "sample_data" or row.get("width")):
+            row[field] = value
+    _write_tables(nusc_copy, table, rows)
+    with pytest.raises(DatasetError, match=match):
+        open_dataset("nuscenes", str(nusc_copy))
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("calib.txt", "Tr: 1 0 0 0 0 1 0 0 0 0 one 0\n", r"calib\.txt, line 1 \(Tr\): not numbers"),
+        ("calib.txt", "Tr: 0 0 0 0 0 0 0 0 0 0 0 0\n", r"calib\.txt, line 1: Tr is singular"),
+        ("poses.txt", "1 0 0 0 0 1 0 0 0 0 1\n", r"poses\.txt, line 1: a pose is 12 .* got 11"),
+    ],
+)
+def test_semantickitti_calibration_and_poses_errors_name_file_and_line(
+    tmp_path: Path, name: str, text: str, match: str
+) -> None:
+    from hilda.datasets.io import DatasetError
+    from hilda.datasets.semantickitti import read_calib, read_poses
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DatasetError, match=match):
+        (read_calib if name == "calib.txt" else read_poses)(path)
+
+
+def test_a_stray_file_in_an_av2_sensor_folder_is_named(av2_cfg, tmp_path: Path) -> None:
+    from hilda.datasets import open_dataset
+    from hilda.datasets.io import DatasetError
+
+    root = tmp_path / "av2"
+    shutil.copytree(av2_cfg.out, root)
+    lidar = next((root / "train").glob("*/sensors/lidar"))
+    stray = lidar / f"._{next(lidar.glob('*.feather')).name}"
+    stray.write_bytes(b"\x00\x05resource fork")
+    with pytest.raises(DatasetError, match=rf"{stray} is not named <timestamp_ns>\.feather"):
+        open_dataset("av2", str(root), split="train")
+
+
+def test_a_truncated_store_metadata_file_is_named(small_world: Path, tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    assert _index(small_world, store).exit_code == 0
+    meta = store / "zarr.json"
+    meta.write_text(meta.read_text()[:20])
+    result = CliRunner().invoke(prep_app, ["validate", "--store", str(store)])
+    assert result.exit_code == 2 and "zarr.json) is not valid JSON" in result.output
+
+
+def test_a_full_disk_is_one_line_naming_the_path() -> None:
+    import errno
+
+    from hilda.pipeline.stages.common import StageOptions, StoreIOError, locked_stage
+
+    @locked_stage("extract-teacher")
+    def stage(cfg, options):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/c.zarr/teacher/x/c/0")
+
+    class Cfg:
+        store = "memory://full"
+
+    with pytest.raises(StoreIOError, match=r"No space left on device writing /data/c\.zarr/"):
+        stage(Cfg(), StageOptions())

@@ -36,6 +36,24 @@ class AV2Source:
     keyframe_every: int = 5
 
 
+def _check_sensor_files(data_dir: Path) -> None:
+    """Every sweep and image is named by its nanosecond timestamp; av2's loader parses the
+    names and fails on any other file (a macOS ``._<ts>.feather`` resource fork, a copy) with
+    a traceback that names none: name it here."""
+    for log in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        sensors = log / "sensors"
+        for folder, suffix in [(sensors / "lidar", ".feather")] + [
+            (cam, ".jpg") for cam in sorted((sensors / "cameras").glob("*")) if cam.is_dir()
+        ]:
+            for path in folder.glob(f"*{suffix}") if folder.is_dir() else ():
+                if not path.stem.isdigit():
+                    raise DatasetError(
+                        f"{path} is not named <timestamp_ns>{suffix}, as every Argoverse 2 "
+                        "sensor file is (a stray copy or a ._ resource fork?): move it out of "
+                        "the log"
+                    )
+
+
 class AV2Reader:
     def __init__(self, source: AV2Source) -> None:
         from av2.datasets.sensor.av2_sensor_dataloader import AV2SensorDataLoader
@@ -46,6 +64,7 @@ class AV2Reader:
         data_dir = Path(source.root) / source.split
         if not data_dir.is_dir():
             raise DatasetError(f"Argoverse 2 split folder {data_dir} does not exist")
+        _check_sensor_files(data_dir)
         self.loader = AV2SensorDataLoader(data_dir=data_dir, labels_dir=data_dir)
         self.data_dir = data_dir
         self.has_labels = False

@@ -131,7 +131,14 @@ class NuScenesReader:
         rotation and translation checked: a NaN or inf names the table, the record and the
         sensor it belongs to, not the camera calibration the pose is later combined with."""
         rec = self.nusc.get(table, token)
-        values = np.asarray([*rec["rotation"], *rec["translation"]], dtype=np.float64)
+        where = f"{os.path.join(self.source.root, self.source.version, table)}.json record {token}"
+        try:
+            values = np.asarray([*rec["rotation"], *rec["translation"]], dtype=np.float64)
+        except (ValueError, TypeError):
+            raise DatasetError(
+                f"{where}: rotation {rec['rotation']!r} / translation {rec['translation']!r} "
+                f"are not numbers (of {sd['channel']} sample_data {sd['token']}, frame {frame})"
+            ) from None
         if not np.all(np.isfinite(values)):
             raise DatasetError(
                 f"{os.path.join(self.source.root, self.source.version, table)}.json record "
@@ -146,11 +153,19 @@ class NuScenesReader:
         pose = self._record("ego_pose", sd["ego_pose_token"], sd, frame)
         path = dataset_path(self.source.root, sd["filename"], "sample_data", sd["token"])
         require_file(path, f"{sd['channel']} image", frame)
+        try:
+            width, height = int(sd["width"]), int(sd["height"])
+        except (ValueError, TypeError):
+            raise DatasetError(
+                f"{os.path.join(self.source.root, self.source.version)}/sample_data.json record "
+                f"{sd['token']}: width {sd['width']!r} / height {sd['height']!r} are not whole "
+                f"numbers (frame {frame})"
+            ) from None
         return Camera(
             name=sd["channel"],
             image_file=path,
-            width=int(sd["width"]),
-            height=int(sd["height"]),
+            width=width,
+            height=height,
             intrinsics=np.asarray(cs["camera_intrinsic"], dtype=np.float64),
             cam_to_ego=_transform(cs),
             ego_to_global=_transform(pose),

@@ -103,27 +103,47 @@ def read_labels(path: str | os.PathLike, points: int, lut: np.ndarray | None = N
     return out
 
 
+def _numbers(text: str, path: str | os.PathLike, where: str) -> np.ndarray:
+    try:
+        return np.array(text.split(), dtype=np.float64)
+    except ValueError:
+        raise DatasetError(f"{path}, {where}: not numbers: {text.strip()[:80]!r}") from None
+
+
 def read_calib(path: str | os.PathLike) -> np.ndarray:
-    """(4, 4) velodyne -> camera 0 (``Tr``) of a sequence's calib.txt."""
+    """(4, 4) velodyne -> camera 0 (``Tr``) of a sequence's calib.txt, an invertible rigid
+    transform."""
     require_file(path, "calib.txt", None)
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         key, _, values = line.partition(":")
         if key.strip() == "Tr":
-            numbers = np.array(values.split(), dtype=np.float64)
+            numbers = _numbers(values, path, f"line {number} (Tr)")
             if numbers.size != 12 or not np.isfinite(numbers).all():
-                raise DatasetError(f"{path}: Tr must be 12 finite numbers")
-            return np.vstack([numbers.reshape(3, 4), [0.0, 0.0, 0.0, 1.0]])
+                raise DatasetError(f"{path}, line {number}: Tr must be 12 finite numbers")
+            tr = np.vstack([numbers.reshape(3, 4), [0.0, 0.0, 0.0, 1.0]])
+            if abs(np.linalg.det(tr[:3, :3])) < 1e-6:
+                raise DatasetError(f"{path}, line {number}: Tr is singular (no rotation)")
+            return tr
     raise DatasetError(f"{path} has no Tr line (velodyne -> camera)")
 
 
 def read_poses(path: str | os.PathLike) -> np.ndarray:
     """(S, 4, 4) camera-0 poses of poses.txt (12 numbers a line)."""
     require_file(path, "poses.txt", None)
-    rows = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    if rows.shape[1] != 12 or not np.isfinite(rows).all():
-        raise DatasetError(f"{path}: every line must be 12 finite numbers")
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        values = _numbers(line, path, f"line {number}")
+        if values.size != 12 or not np.isfinite(values).all():
+            raise DatasetError(
+                f"{path}, line {number}: a pose is 12 finite numbers, got {values.size}"
+            )
+        rows.append(values)
+    if not rows:
+        raise DatasetError(f"{path} holds no pose")
     bottom = np.tile([0.0, 0.0, 0.0, 1.0], (len(rows), 1, 1))
-    return np.concatenate([rows.reshape(-1, 3, 4), bottom], axis=1)
+    return np.concatenate([np.stack(rows).reshape(-1, 3, 4), bottom], axis=1)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,10 @@ def validate_store(
         root = zarr.open_group(path, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreValidationError(str(path), [f"no Zarr group at {path} ({exc})"]) from None
+    except ValueError as exc:  # json.JSONDecodeError: a truncated or edited zarr.json
+        raise StoreValidationError(
+            str(path), [f"the store's metadata ({path}/zarr.json) is not valid JSON: {exc}"]
+        ) from None
     problems = _root_problems(dict(root.attrs), dataset)
     require = set(require)
     dims = _index_dims(root)

@@ -6,6 +6,7 @@ staged and copied (the store side of both is ``hilda.store``: ``writer``, ``ragg
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hilda.errors import FrameError
+from hilda.errors import FrameError, HildaError
 from hilda.pipeline.runner import (
     ClusterConfig,
     Task,
@@ -42,6 +43,14 @@ from hilda.store.schema import RAGGED_ROWS_PER_SHARD
 from hilda.store.writer import done_map, mark_shard_done
 
 __all__ = ["FrameError", "StageOptions", "run_frame_shards", "write_ragged"]
+
+
+# Storage faults a stage reports in one line, naming the path (not a traceback).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+class StoreIOError(HildaError):
+    """The store cannot be written (disk full, read-only, permissions)."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +92,17 @@ def locked_stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
         def run(cfg: Any, options: StageOptions) -> Any:
             if options.cluster.scheduler:  # connect first, then change the store
                 check_scheduler(options.cluster.scheduler)
-            with writer_lock(cfg.store, f"hilda-prep {name}"):
-                return fn(cfg, options)
+            try:
+                with writer_lock(cfg.store, f"hilda-prep {name}"):
+                    return fn(cfg, options)
+            except OSError as exc:
+                if exc.errno not in STORAGE_ERRNOS:
+                    raise
+                where = exc.filename or f"a file under {cfg.store}"
+                raise StoreIOError(
+                    f"hilda-prep {name}: {exc.strerror} writing {where}; the shards finished "
+                    "so far are kept: fix it (free space, permissions) and rerun to resume"
+                ) from None
 
         return run
 
