@@ -291,13 +291,16 @@ def main() -> int:
     args = parser.parse_args()
     rows = run_parts(args.quick, args.budget_s)
     device = torch.cuda.get_device_name(0) if cuda() else f"no CUDA ({platform.processor()})"
-    print(f"gpu_check on {device}, torch {torch.__version__}")
+    from hilda.models.scatter import BACKEND as SCATTER
+
+    print(f"gpu_check on {device}, torch {torch.__version__}, scatter reductions on {SCATTER}")
     for r in rows:
         print(f"{r.part} | {r.what}: {r.verdict}" + (f" | {r.value}" if r.value != "-" else ""))
     code = exit_code(rows)
     report = {
         "device": device,
         "torch": torch.__version__,
+        "scatter": SCATTER,
         "rows": [{**asdict(r), "verdict": r.verdict} for r in rows],
         "exit_code": code,
     }

@@ -73,9 +73,11 @@ def check_cmd(store: Store, config: ConfigFile = None, overrides: Overrides = No
     cfg = load_config(TrainConfig, config, overrides or [])
     info = check_cache(store, cfg)
     samples = sample_index(store, info, cfg.needs_occupancy)
+    from hilda.models.scatter import BACKEND as SCATTER
+
     typer.echo(
         f"ok: {len(samples.frames)} samples; excluded {samples.excluded}; teacher "
-        f"{info.teacher} blocks {info.blocks}"
+        f"{info.teacher} blocks {info.blocks}; scatter reductions on {SCATTER}"
     )
 
 

@@ -9,7 +9,8 @@ to the occupancy cell this is exactly ``hilda.pipeline.ops.occupancy.rasterise``
 from __future__ import annotations
 
 import torch
-from torch_scatter import scatter_mean
+
+from hilda.models.scatter import scatter_mean
 
 
 def bev_cells(
@@ -36,7 +37,5 @@ def bev_pool(
     row, col, inside = bev_cells(voxel_coords, origin, grid, stride)
     b = voxel_coords[inside, 0].long()
     flat = (b * grid + row[inside]) * grid + col[inside]  # (M',)
-    pooled = scatter_mean(
-        voxel_feats[inside], flat, dim=0, dim_size=batch_size * grid * grid
-    )  # (B*H*W, C)
+    pooled = scatter_mean(voxel_feats[inside], flat, batch_size * grid * grid)  # (B*H*W, C)
     return pooled.view(batch_size, grid, grid, -1).permute(0, 3, 1, 2).contiguous()

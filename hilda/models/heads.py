@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch_scatter import scatter_max, scatter_mean, scatter_softmax, scatter_sum
 
 from hilda.errors import ConfigError
+from hilda.models.scatter import scatter_max, scatter_mean, scatter_softmax, scatter_sum
 
 POOLINGS = ("max", "mean", "attention")
 
@@ -76,12 +76,12 @@ def pool_points(
 ) -> torch.Tensor:
     """(N, D) point tokens -> (B, D) per-sample pooled tokens."""
     if pooling == "max":
-        return scatter_max(tokens, batch, dim=0, dim_size=batch_size)[0]
+        return scatter_max(tokens, batch, batch_size)
     if pooling == "mean":
-        return scatter_mean(tokens, batch, dim=0, dim_size=batch_size)
+        return scatter_mean(tokens, batch, batch_size)
     if pooling == "attention":
         if score is None:
             raise ConfigError("attention pooling needs a scoring layer")
-        weights = scatter_softmax(score(tokens).squeeze(1), batch, dim=0)  # (N,)
-        return scatter_sum(tokens * weights[:, None], batch, dim=0, dim_size=batch_size)
+        weights = scatter_softmax(score(tokens).squeeze(1), batch)  # (N,)
+        return scatter_sum(tokens * weights[:, None], batch, batch_size)
     raise ConfigError(f"unknown pooling {pooling!r}")

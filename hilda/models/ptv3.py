@@ -38,10 +38,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_scatter import segment_csr
 
 from hilda.errors import ConfigError
 from hilda.models.outputs import STAGE_STRIDES, StudentOutput
+from hilda.models.scatter import segment_max
 from hilda.models.serialization import (
     ORDERS,
     Serialized,
@@ -389,7 +389,7 @@ class SerializedPooling(nn.Module):
         members = torch.sort(cluster, stable=True).indices  # (N,) points grouped by cell
         pointer = F.pad(torch.cumsum(counts, 0), (1, 0))  # (M + 1,)
         head = members[pointer[:-1]]  # (M,) first point of each cell
-        pooled = segment_csr(self.proj(feat)[members], pointer, reduce="max")  # (M, Cout)
+        pooled = segment_max(self.proj(feat)[members], pointer)  # (M, Cout)
         return self.act(self.norm(pooled)), cluster, head, code[:, head]
 
 

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch_scatter import scatter_mean, scatter_min
 
 from hilda.errors import ConfigError
+from hilda.models.scatter import scatter_mean, scatter_min
 
 COORD_BITS = 16  # per spatial axis in the lookup keys: 65,536 voxels = 3.3 km at 0.05 m
 
@@ -58,7 +58,7 @@ def voxelize(points: torch.Tensor, batch: torch.Tensor, cfg: VoxelConfig) -> Vox
     batch = batch.long()
     batch_size = int(batch.max()) + 1 if len(batch) else 0
     grid = torch.floor(points[:, :3] / cfg.voxel_size).long()  # (N, 3)
-    origin = scatter_min(grid, batch, dim=0, dim_size=batch_size)[0]  # (B, 3)
+    origin = scatter_min(grid, batch, batch_size)  # (B, 3)
     shifted = grid - origin[batch]  # (N, 3) >= 0
     if len(shifted) and int(shifted.max()) >= 1 << COORD_BITS:
         raise ConfigError(
@@ -69,7 +69,7 @@ def voxelize(points: torch.Tensor, batch: torch.Tensor, cfg: VoxelConfig) -> Vox
     keys = encode(point_coords)
     unique_keys, inverse = torch.unique(keys, return_inverse=True)
     coords = decode(unique_keys).int()  # (M, 4), sorted by (b, x, y, z)
-    feats = scatter_mean(point_features(points, cfg), inverse, dim=0, dim_size=len(unique_keys))
+    feats = scatter_mean(point_features(points, cfg), inverse, len(unique_keys))
     return Voxels(coords, feats, inverse, point_coords, origin, batch_size, cfg.voxel_size)
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch_scatter import scatter_max, scatter_mean
 
 from hilda.errors import ConfigError
 from hilda.models.grid import sample_grid
+from hilda.models.scatter import scatter_max, scatter_mean
 
 DISTILL_LOSSES = ("cosine", "l2", "kl")  # Table 9 / A13
 
@@ -77,7 +77,7 @@ def distill_loss(
     ``reduce`` over the images that have pairs. student / teacher (Q, D), image (Q,) in
     [0, num_images)."""
     d = pair_distance(student, teacher, kind)  # (Q,)
-    per_image = scatter_mean(d, image, dim=0, dim_size=num_images)  # (I,)
+    per_image = scatter_mean(d, image, num_images)  # (I,)
     has_pairs = torch.bincount(image, minlength=num_images) > 0  # (I,)
     return reduce(per_image[has_pairs])
 
@@ -108,7 +108,7 @@ def cls_loss_per_image(
     ``teacher_cls`` (B, V, D) with image = cloud * V + camera; images without pairs are left
     out."""
     images = teacher_cls.shape[0] * teacher_cls.shape[1]
-    pooled = scatter_max(tokens, image, dim=0, dim_size=images)[0]  # (I, D)
+    pooled = scatter_max(tokens, image, images)  # (I, D)
     has_pairs = torch.bincount(image, minlength=images) > 0  # (I,)
     target = teacher_cls.float().reshape(images, -1)  # (I, D)
     return reduce((pooled.float() - target).square().mean(dim=1)[has_pairs])
