@@ -22,14 +22,16 @@ with warnings.catch_warnings():
 
 
 class _Float32:
-    """MinkowskiEngine's kernels take float32 only: under autocast (bf16 / fp16 AMP) the
-    module runs with autocast off on float32 features (cast up when an autocast op before it,
-    e.g. a PTv3 linear layer, handed it lower precision). Parameter names are unchanged."""
+    """MinkowskiEngine's kernels want features of their weights' dtype (float32, or float64
+    in the gradient tests): under autocast (bf16 / fp16 AMP) the module runs with autocast off
+    on features cast back to that dtype when an autocast op before it (e.g. a PTv3 linear
+    layer) handed it lower precision. Parameter names are unchanged."""
 
     def forward(self, x, *args, **kwargs):
-        if x.F.dtype != torch.float32:
+        dtype = next(self.parameters()).dtype
+        if x.F.dtype != dtype:
             x = ME.SparseTensor(
-                x.F.float(),
+                x.F.to(dtype),
                 coordinate_map_key=x.coordinate_map_key,
                 coordinate_manager=x.coordinate_manager,
             )
