@@ -278,7 +278,8 @@ def _batches_and_loss(
         def feature_loss(batch: tuple) -> StepLoss:
             model.train()
             x, y, rows = batch
-            return StepLoss(seg_loss(fit.net(x), y), frames=_frames(split, rows))
+            frames, samples = _frames(split, rows), len(rows) * world.size
+            return StepLoss(seg_loss(fit.net(x), y), frames=frames, samples=samples)
 
         return feature_batches, feature_loss
 
@@ -289,7 +290,8 @@ def _batches_and_loss(
             logits = fit.net(model.features(batch.points, batch.batch))
         else:
             logits = fit.net(batch.points, batch.batch)
-        return StepLoss(seg_loss(logits, batch.labels), frames=frames)
+        samples = len(batch.index) * world.size
+        return StepLoss(seg_loss(logits, batch.labels), frames=frames, samples=samples)
 
     return online_epochs(split, cfg, world, device), frame_loss
 

@@ -23,6 +23,7 @@ from hilda.atomic import write_json
 from hilda.engine.config_io import to_dict
 from hilda.engine.distributed import World
 from hilda.engine.fit import Fit
+from hilda.engine.loop import StepLoss
 from hilda.engine.optim import steps_per_epoch, total_steps
 from hilda.errors import HildaError
 from hilda.eval.config import SegConfig
@@ -112,9 +113,9 @@ def _fit_head(
         per_epoch=per_epoch,
     )
 
-    def loss_of(batch: tuple) -> torch.Tensor:
+    def loss_of(batch: tuple) -> StepLoss:
         head.train()
-        return seg_loss(head(batch[0]), batch[1])
+        return StepLoss(seg_loss(head(batch[0]), batch[1]), samples=len(batch[2]))
 
     def epoch_batches(epoch: int, start: int) -> Iterator[tuple]:
         return feature_epoch(train_x, train_y, cfg, world, device, epoch, start)
