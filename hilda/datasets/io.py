@@ -67,8 +67,6 @@ def _check_points(points: np.ndarray, path: str | os.PathLike, frame: str | None
 def read_nuscenes_sweep(path: str | os.PathLike, frame: str | None = None) -> np.ndarray:
     """(N, 4) float32 x, y, z, intensity in the LiDAR frame, read as nuscenes-devkit does
     (``LidarPointCloud.from_file``: 5 float32 per point, the first 4 kept)."""
-    from nuscenes.utils.data_classes import LidarPointCloud
-
     require_file(path, "LiDAR sweep", frame)
     size = os.path.getsize(path)
     record = 4 * NUSCENES_POINT_DIMS
@@ -77,11 +75,11 @@ def read_nuscenes_sweep(path: str | os.PathLike, frame: str | None = None) -> np
             f"truncated sweep: {size} bytes is not a whole number of {NUSCENES_POINT_DIMS}-float32 "
             f"points ({record} bytes each): {_where(path, frame)}"
         )
-    _check_layout(
-        np.fromfile(str(path), dtype=np.float32).reshape(-1, NUSCENES_POINT_DIMS), path, frame
-    )
-    points = LidarPointCloud.from_file(str(path)).points.T  # (N, 4)
-    return _check_points(np.ascontiguousarray(points, dtype=np.float32), path, frame)
+    # One read: what LidarPointCloud.from_file computes (np.fromfile, reshape(-1, 5), the
+    # first 4 columns), with the ring column it drops kept for the layout check.
+    raw = np.fromfile(str(path), dtype=np.float32).reshape(-1, NUSCENES_POINT_DIMS)  # (N, 5)
+    _check_layout(raw, path, frame)
+    return _check_points(np.ascontiguousarray(raw[:, :4]), path, frame)
 
 
 def _check_layout(raw: np.ndarray, path: str | os.PathLike, frame: str | None) -> None:

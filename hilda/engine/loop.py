@@ -64,13 +64,10 @@ class _SkipCounter:
 
     run: int = 0
 
-    def after(self, fit: Fit, scale_before: float | None) -> bool:
-        """Whether the step just taken was skipped (the scale backed off)."""
-        if scale_before is None:
-            return False
-        skipped = fit.scaler.get_scale() < scale_before
-        self.run = self.run + 1 if skipped else 0
-        return skipped
+    def after(self, fit: Fit, scale_before: float | None) -> None:
+        """Count the step just taken if the scaler skipped it (its scale backed off)."""
+        if scale_before is not None:
+            self.run = self.run + 1 if fit.scaler.get_scale() < scale_before else 0
 
 
 def describe(out: StepLoss, values: dict[str, float]) -> str:

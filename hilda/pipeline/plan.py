@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hilda.errors import ConfigError
+from hilda.pipeline.ops.occupancy import OccupancyConfig
+from hilda.store.teacher_record import DEFAULT_LAYERS
 from hilda.teachers.spec import TEACHER_CHOICES, hub_source
 
 
@@ -47,9 +49,9 @@ class Given:
     name: str | None = None
     grid: int | None = None
     cell: float | None = None
-    default_layers: str = "last2"
-    default_grid: int = 512
-    default_cell: float = 0.4
+    default_layers: str = DEFAULT_LAYERS
+    default_grid: int = OccupancyConfig.grid
+    default_cell: float = OccupancyConfig.cell
 
 
 def preset_source(needs: PresetNeeds) -> str:

@@ -39,7 +39,7 @@ from hilda.store.schema import (
     stage_command,
     teacher_path,
 )
-from hilda.store.teacher_record import TeacherInfo, TeacherRecord, size_name
+from hilda.store.teacher_record import TeacherInfo, TeacherRecord, family_of, size_name
 from hilda.store.validate import validate_store
 
 Group = GroupSpec | str  # a group of the layout, or its path (``teacher/<name>``)
@@ -106,8 +106,8 @@ class Pairs:
 
 def _size_of(attrs: dict) -> str:
     """A group's teacher size as configs name it (``vits14_reg`` with registers)."""
-    family = str(attrs.get("family", "dinov2"))
-    return size_name(str(attrs.get("arch")), family, int(attrs.get("registers", 0) or 0))
+    registers = int(attrs.get("registers", 0) or 0)
+    return size_name(str(attrs.get("arch")), family_of(attrs), registers)
 
 
 class CacheReader:

@@ -50,6 +50,15 @@ SIZES: dict[str, Size] = {
 }
 
 
+DEFAULT_LAYERS = "last2"  # the teacher blocks a stage extracts when none are named
+
+
+def family_of(attrs: dict[str, Any]) -> str:
+    """A group's family; groups written before DINOv3 record none: a DINOv2 ViT or the
+    oracle."""
+    return str(attrs.get("family", "oracle" if attrs.get("arch") == "oracle" else "dinov2"))
+
+
 def size_name(arch: str, family: str, registers: int) -> str:
     """The size name configs use (``data.teacher_arch``): a DINOv2 with registers is its own
     size, ``vits14_reg`` (stored as arch ``vits14`` with 4 registers)."""
@@ -136,7 +145,7 @@ class TeacherRecord:
             weights_hash=str(attrs["weights_hash"]),
             random_init=bool(attrs.get("random_init", False)),
             pos_embed_interpolation=str(attrs.get("pos_embed_interpolation", "")),
-            family=str(attrs.get("family", "oracle" if arch == "oracle" else "dinov2")),
+            family=family_of(attrs),
             patch_size=int(attrs.get("patch_size", 14)),
         )
         width, height = (int(v) for v in attrs["image_size"])

@@ -28,14 +28,17 @@ class _Float32:
     layer) handed it lower precision. Parameter names are unchanged."""
 
     def forward(self, x, *args, **kwargs):
+        device = x.F.device.type
         dtype = next(self.parameters()).dtype
+        if x.F.dtype == dtype and not torch.is_autocast_enabled(device):
+            return super().forward(x, *args, **kwargs)  # no autocast: as MinkowskiEngine does
         if x.F.dtype != dtype:
             x = ME.SparseTensor(
                 x.F.to(dtype),
                 coordinate_map_key=x.coordinate_map_key,
                 coordinate_manager=x.coordinate_manager,
             )
-        with torch.autocast(x.F.device.type, enabled=False):
+        with torch.autocast(device, enabled=False):
             return super().forward(x, *args, **kwargs)
 
 

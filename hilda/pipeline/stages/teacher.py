@@ -32,7 +32,7 @@ from hilda.pipeline.stages.common import (
 from hilda.store import codecs
 from hilda.store.reader import index_info, open_store, read_index
 from hilda.store.schema import INDEX, TEACHERS, normalize_store, teacher_group, teacher_path
-from hilda.store.teacher_record import Layers, TeacherInfo, TeacherRecord
+from hilda.store.teacher_record import DEFAULT_LAYERS, Layers, TeacherInfo, TeacherRecord
 from hilda.store.writer import (
     open_for_stage,
     prepare_group,
@@ -49,7 +49,7 @@ from hilda.teachers import Teacher, load_teacher, parse_teacher, teacher_info
 class TeacherConfig:
     store: str
     teacher: str  # required: a randomly initialised teacher only when the user names one
-    layers: str = "last2"
+    layers: str = DEFAULT_LAYERS
     # (width, height), multiples of the patch size: 14 (DINOv2) or 16 (DINOv3); 448x224 is both
     image_size: tuple[int, int] = (448, 224)
     norm: bool = True
