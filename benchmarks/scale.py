@@ -15,10 +15,12 @@ stage it reports:
 - frames/s (wall clock, the whole stage on ``--workers`` Dask workers);
 - peak RSS of the driver and of the largest worker process (sampled every 50 ms);
 
-then the store's files and bytes, the training loader's start-up (config check, sample index,
-dataset, first sample) and its samples/s over ``--samples`` random samples in the driver. The
-teacher is the oracle at 112x56 (a cheap teacher that still reads every image's class map,
-writes int8 grids and their CLS tokens). Prints a table; not a test.
+then the store's files and bytes, the cost of ``hilda-prep validate`` and ``validate
+--deep`` (the write records, ``hilda.store.written``), the training loader's start-up
+(config check, sample index, dataset, first sample) and its samples/s over ``--samples``
+random samples in the driver. The teacher is the oracle at 112x56 (a cheap teacher that
+still reads every image's class map, writes int8 grids and their CLS tokens).
+Prints a table; not a test.
 """
 
 from __future__ import annotations
@@ -188,6 +190,21 @@ def loader(store: str, samples: int) -> dict[str, float]:
     return {"startup s": startup, "samples/s": samples / (time.perf_counter() - start)}
 
 
+def validate_costs(store: str) -> dict[str, float]:
+    """Seconds of ``hilda-prep validate`` (every file's size against its write record) and
+    of ``validate --deep`` (every file read and its CRC-32 compared), in this process. The
+    store was just written, so its files are in the page cache: the deep figure is the
+    CRC's and zarr's cost, not the disk's."""
+    from hilda.store.validate import validate_store
+
+    out = {}
+    for name, files in (("sizes s", "sizes"), ("deep s", "deep")):
+        start = time.perf_counter()
+        validate_store(store, files=files)
+        out[name] = time.perf_counter() - start
+    return out
+
+
 def one_size(dataset: Path, store: Path, frames: int, workers: int, samples: int, teacher: bool):
     """Every stage on one shared cluster, as ``hilda-prep all`` runs them; JSON on stdout."""
     from hilda.pipeline.ops.occupancy import OccupancyConfig
@@ -221,6 +238,7 @@ def one_size(dataset: Path, store: Path, frames: int, workers: int, samples: int
             out[name] = measured(fn, frames)
             print(f"  {frames} frames, {name}: {out[name]}", file=sys.stderr, flush=True)
     out["store files"], out["store bytes"] = store_files(store)
+    out["validate"] = validate_costs(str(store))
     if teacher:
         out["loader"] = loader(str(store), samples)
     out["peak driver MiB (process)"] = psutil.Process().memory_info().rss / 2**20
@@ -295,6 +313,14 @@ def main() -> None:
         print(
             f"| {r['frames']:,} | {r['store files']:,} | {r['store bytes'] / 2**30:.2f} | "
             f"{lo.get('startup s', float('nan')):.2f} | {lo.get('samples/s', float('nan')):.1f} |"
+        )
+    print("\n| frames | validate s | ms/frame | validate --deep s | ms/frame | deep MB/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        v, n = r["validate"], r["frames"]
+        print(
+            f"| {n:,} | {v['sizes s']:.2f} | {1000 * v['sizes s'] / n:.3f} | {v['deep s']:.2f} | "
+            f"{1000 * v['deep s'] / n:.3f} | {r['store bytes'] / 2**20 / v['deep s']:.0f} |"
         )
 
 

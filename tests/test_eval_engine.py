@@ -142,7 +142,7 @@ def test_the_table_runs_under_torchrun(backbone: Path, world: Path, tmp_path: Pa
     torchrun = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python"]
     args = ["table", "--backbone", str(backbone), "--nuscenes-root", str(world)]
     args += ["--nuscenes-version", "v1.0-mini", "--fractions", "0.5", "--out", str(out)]
-    args += ["--semantickitti-fractions", ""]
+    args += ["--semantickitti-fractions", "", "--waymo-fractions", ""]
     for s in ("optim.max_steps=2", "optim.batch_size=2", "device=cpu", "data.num_workers=0"):
         args += ["--set", s]
     res = run([*torchrun, str(VENV_BIN / "hilda-eval"), *args])

@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 from hilda.cli.eval import app
 from hilda.datasets import semantickitti as kitti
 from hilda.datasets.io import DatasetError
+from hilda.datasets.labelled import NUSCENES
 from hilda.engine.config_io import load_config
 from hilda.errors import ConfigError, HildaError
 from hilda.eval.config import SegConfig, SegDataConfig
-from hilda.eval.data import SegDataset, nuscenes_version, open_split
+from hilda.eval.data import SegDataset, open_split
 from hilda.eval.table import (
     TableSpec,
     columns,
@@ -32,6 +33,7 @@ from hilda.eval.table import (
     load_table_configs,
     plan,
     run_table,
+    table_data,
 )
 from hilda.eval.teacher_probe import run_teacher_probe
 from tests.test_eval import tiny_backbone
@@ -46,7 +48,7 @@ def test_semantickitti_split_classes_and_intensities(kitti_cfg) -> None:
     val = open_split(cfg, "val")
     assert [f.token for f in val.frames] == ["08/000000"]
     assert len(train.frames) == train.total == 10 and train.classes == kitti.CLASSES
-    assert train.layout == "semantickitti" and train.intensity_range == 1.0
+    assert train.dataset == "semantickitti" and train.intensity_range == 1.0
     assert [f.token for f in open_split(cfg, "train", fraction=0.2).frames] == [
         "00/000000",
         "05/000000",  # every 5th scan of 00-07, 09, 10
@@ -106,13 +108,16 @@ def spec(backbone: Path, nusc: Path | None, kitti_root: Path | None, **kw) -> Ta
     linear, finetune = load_table_configs(
         "eval/tiny_linear_probe", "eval/tiny_finetune", [*QUICK, *sets]
     )
+    fractions = kw.pop("fractions", None)
+    roots = {"nuscenes": str(nusc or ""), "semantickitti": str(kitti_root or "")}
+    given = {"version": {"nuscenes": "v1.0-mini"}}
+    if fractions is not None:
+        given["fractions"] = {"nuscenes": fractions}
     return TableSpec(
         backbone=str(backbone),
         linear=linear,
         finetune=finetune,
-        nuscenes_root=str(nusc or ""),
-        nuscenes_version="v1.0-mini",
-        semantickitti_root=str(kitti_root or ""),
+        datasets=table_data(roots, **given),
         **kw,
     )
 
@@ -123,6 +128,7 @@ def test_table_plan_and_entry_configs(tmp_path: Path) -> None:
         "nuScenes LP",
         *(f"nuScenes {p}%" for p in (1, 5, 10, 25, 100)),
         "SemanticKITTI 1%",
+        "Waymo 1%",  # a column of the row; no root here, so no entry
     ]
     entries = plan(s)
     assert len(entries) == 14 and [e.init for e in entries] == ["pretrained"] * 7 + ["random"] * 7
@@ -144,9 +150,9 @@ def test_table_plan_and_entry_configs(tmp_path: Path) -> None:
 
 
 def test_nuscenes_version_is_found_under_the_root(nusc_cfg, tmp_path: Path) -> None:
-    assert nuscenes_version(nusc_cfg.out) == "v1.0-mini"
+    assert NUSCENES.version_of(nusc_cfg.out) == "v1.0-mini"
     with pytest.raises(DatasetError, match="none of the nuScenes versions"):
-        nuscenes_version(tmp_path)
+        NUSCENES.version_of(tmp_path)
 
 
 def test_table_runs_resumes_and_refuses_another_config(
@@ -222,7 +228,8 @@ def test_table_cli(nusc_cfg, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     table = json.loads((tmp_path / "backbone.table" / "table.json").read_text())
-    assert table["spec"]["nuscenes_version"] == "v1.0-mini"  # found under the root
+    nusc = next(d for d in table["spec"]["datasets"] if d["dataset"] == "nuscenes")
+    assert nusc["version"] == "v1.0-mini"  # found under the root
     assert list(table["rows"]) == ["pretrained"] and "nuScenes 100%" in res.output
     assert table["rows"]["pretrained"]["SemanticKITTI 1%"] is None  # no SemanticKITTI root
     res = CliRunner().invoke(app, ["table", "--backbone", str(backbone)])

@@ -29,6 +29,7 @@ from hilda.pipeline.stages.pointmaps import PointmapConfig, run_pointmaps
 from hilda.pipeline.stages.teacher import TeacherConfig, load_images, run_teacher
 from hilda.store.ragged import frames_counted, row_shards
 from hilda.store.schema import dataset_file
+from hilda.store.written import data_arrays, describe_whole, put_whole_record
 from tests.pipeline_helpers import build_cache
 
 ORACLE = dict(teacher="oracle", layers="last2", image_size=(112, 56), name="oracle")
@@ -169,6 +170,9 @@ def test_build_pointmaps_skip_bad(nusc_cfg: SyntheticConfig, tmp_path: Path) -> 
     bad = index["cam_to_ego"][3]
     bad[0, 0, 0] = np.nan
     index["cam_to_ego"][3] = bad
+    # As if the index stage had read the NaN from the dataset: its write record is the
+    # edited file's (otherwise the edit is a damaged file, refused before any frame).
+    put_whole_record(index, describe_whole(index, data_arrays(index)))
     token = str(index["token"][3])
     with pytest.raises(FrameError, match=rf"frame {token} \(row 3\).*cam_to_ego holds NaN"):
         run_pointmaps(PointmapConfig(store=store), StageOptions())

@@ -18,7 +18,7 @@ console = Console()
 
 
 Format = Annotated[
-    str, typer.Option("--format", help="nuscenes, av2 or semantickitti on-disk format")
+    str, typer.Option("--format", help="nuscenes, av2, semantickitti or waymo (v2) on-disk format")
 ]
 OutDir = Annotated[Path, typer.Option(help="output folder (the dataset root)")]
 Scenes = Annotated[
@@ -64,8 +64,8 @@ def make_synthetic_cmd(
     scale: Scale = False,
     workers: WriterWorkers = None,
 ) -> None:
-    """Generate the procedural driving world and write it in nuScenes, AV2 or SemanticKITTI
-    format."""
+    """Generate the procedural driving world and write it in nuScenes, AV2, SemanticKITTI or
+    Waymo v2 format."""
     from hilda.datasets.synthetic.generate import make_synthetic, read_hint, world_config
 
     size = parse_size(image_size) if image_size else None

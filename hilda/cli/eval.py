@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from hilda.cli.common import fail_cleanly
+from hilda.datasets.labelled import DATASETS, labelled_dataset
 from hilda.store import teacher_path
 
 app = typer.Typer(
@@ -26,24 +27,21 @@ def main() -> None:
 @app.command("classes")
 def classes_cmd(
     dataset: Annotated[
-        str, typer.Option("--dataset", help="nuscenes (16 classes) | semantickitti (19)")
+        str, typer.Option("--dataset", help=f"one of {', '.join(DATASETS)}")
     ] = "nuscenes",
 ) -> None:
-    """Print a dataset's evaluation classes (index 0 of nuScenes' list is 'ignore')."""
-    from hilda.datasets import semantickitti
-    from hilda.datasets.classes import COARSE_CLASSES, GENERAL_CATEGORIES
+    """Print a dataset's evaluation classes (the label indices of its results)."""
+    from hilda.errors import ConfigError
 
-    if dataset not in ("nuscenes", "semantickitti"):
-        raise typer.BadParameter(f"--dataset must be nuscenes or semantickitti, got {dataset!r}")
+    try:
+        ds = labelled_dataset(dataset)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
     typer.echo("index  class")
-    if dataset == "semantickitti":
-        for i, name in enumerate(semantickitti.CLASSES):
-            typer.echo(f"{i:5d}  {name}")
-        typer.echo("(raw ids mapped by the learning map of semantic-kitti.yaml; others ignored)")
-        return
-    for i, name in enumerate(COARSE_CLASSES):
+    for i, name in enumerate(ds.classes):
         typer.echo(f"{i:5d}  {name}")
-    typer.echo(f"({len(GENERAL_CATEGORIES)} general categories in the label files)")
+    for line in ds.class_notes():
+        typer.echo(line)
 
 
 Backbone = Annotated[
@@ -61,8 +59,8 @@ Dataset = Annotated[
     str | None,
     typer.Option(
         "--dataset",
-        help="nuscenes | semantickitti | synthetic (the synthetic world in nuScenes format; "
-        "in SemanticKITTI format it is read as semantickitti)",
+        help=f"one of {', '.join(DATASETS)} (synthetic: the synthetic world in nuScenes "
+        "format; in another format it is read as that dataset)",
     ),
 ]
 Root = Annotated[Path | None, typer.Option("--root", help="dataset root")]
@@ -192,7 +190,7 @@ def finetune_cmd(
         typer.Option(
             "--subset",
             help="how a fraction 1/k picks frames: scenes (every k-th scene, SLidR; nuScenes' "
-            "default) | frames (every k-th frame; SemanticKITTI's default)",
+            "default) | frames (every k-th frame; SemanticKITTI's and Waymo's default)",
         ),
     ] = None,
     subset_file: Annotated[
@@ -240,6 +238,13 @@ Fractions = Annotated[str, typer.Option("--fractions", help="nuScenes fine-tune 
 KittiFractions = Annotated[
     str, typer.Option("--semantickitti-fractions", help="SemanticKITTI fine-tune fractions")
 ]
+WaymoRoot = Annotated[
+    Path | None,
+    typer.Option("--waymo-root", help="Waymo Open Dataset v2 (training/, validation/ parquet)"),
+]
+WaymoFractions = Annotated[
+    str, typer.Option("--waymo-fractions", help="Waymo fine-tune label fractions")
+]
 TableInit = Annotated[
     str,
     typer.Option("--init", help="random: also the random-init baseline of every entry"),
@@ -273,6 +278,8 @@ def table_cmd(
     semantickitti_root: KittiRoot = None,
     fractions: Fractions = "0.01,0.05,0.1,0.25,1.0",
     semantickitti_fractions: KittiFractions = "0.01",
+    waymo_root: WaymoRoot = None,
+    waymo_fractions: WaymoFractions = "0.01",
     init: TableInit = "pretrained",
     linear_config: LinearConfig = "eval/linear_probe",
     finetune_config: FinetuneConfig = "eval/finetune",
@@ -280,25 +287,31 @@ def table_cmd(
     out: TableOut = None,
 ) -> None:
     """One row of Table 1: nuScenes linear probe and 1/5/10/25/100% fine-tunes, SemanticKITTI
-    1% fine-tune, as the given datasets allow; resumable (finished entries are not rerun)."""
+    and Waymo 1% fine-tunes, as the given datasets allow; resumable (finished entries are not
+    rerun)."""
     from rich.console import Console
 
-    from hilda.eval.data import nuscenes_version as find_version
-    from hilda.eval.table import TableSpec, load_table_configs, rich_table, run_table
+    from hilda.eval.table import TableSpec, load_table_configs, rich_table, run_table, table_data
 
     if init not in ("pretrained", "random"):
         raise typer.BadParameter(f"--init must be pretrained or random, got {init!r}")
     linear, finetune = load_table_configs(linear_config, finetune_config, overrides)
-    version = nuscenes_version or (find_version(nuscenes_root) if nuscenes_root else None)
+    # Each dataset's options (the names are the registry's keys, not compared here).
+    roots = {"nuscenes": nuscenes_root, "semantickitti": semantickitti_root, "waymo": waymo_root}
+    roots = {name: str(root) for name, root in roots.items() if root}
+    versions = {name: labelled_dataset(name).version_of(root) for name, root in roots.items()}
+    if nuscenes_version:
+        versions["nuscenes"] = nuscenes_version
+    fractions_of = {
+        "nuscenes": _fractions(fractions, "--fractions"),
+        "semantickitti": _fractions(semantickitti_fractions, "--semantickitti-fractions"),
+        "waymo": _fractions(waymo_fractions, "--waymo-fractions"),
+    }
     spec = TableSpec(
         backbone=str(backbone),
         linear=linear,
         finetune=finetune,
-        nuscenes_root=str(nuscenes_root or ""),
-        nuscenes_version=version or "v1.0-trainval",
-        semantickitti_root=str(semantickitti_root or ""),
-        fractions=_fractions(fractions, "--fractions"),
-        semantickitti_fractions=_fractions(semantickitti_fractions, "--semantickitti-fractions"),
+        datasets=table_data(roots, version=versions, fractions=fractions_of),
         random_init=init == "random",
     )
     folder = out or backbone.with_name(f"{backbone.stem}.table")

@@ -2,7 +2,8 @@
 
 Protocol (HilDA Sec. 4.1, C.2, D.1): a BatchNorm1d + Linear head on the backbone's final point
 features, cross-entropy on the dataset's evaluation classes (16 nuScenes-lidarseg classes, 19
-SemanticKITTI classes; the rest ignored), mIoU and per-class IoU on the validation frames.
+SemanticKITTI classes, 22 Waymo classes; the rest ignored), mIoU and per-class IoU on the
+validation frames.
 Linear probing freezes the backbone; fine-tuning trains everything on a fraction of the
 labelled training frames (1, 5, 10, 25, 100% of nuScenes and 1% of SemanticKITTI in Table 1).
 The paper gives no optimiser for these runs; the defaults are the downstream schedule of the
@@ -17,34 +18,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hilda.datasets.labelled import labelled_dataset
 from hilda.engine.augment import AugmentConfig
 from hilda.engine.metrics import require_tensorboard
 from hilda.errors import ConfigError
 
-EvalDataset = Literal["nuscenes", "synthetic", "semantickitti"]
-
-# (version, train split, val split) when the config leaves them unset.
-DATASET_DEFAULTS: dict[str, tuple[str | None, str, str]] = {
-    "nuscenes": ("v1.0-trainval", "train", "val"),
-    # The synthetic world is written as nuScenes v1.0-mini (hilda-prep make-synthetic).
-    "synthetic": ("v1.0-mini", "mini_train", "mini_val"),
-    # The official splits of semantic-kitti.yaml (no versions; make-synthetic --format
-    # semantickitti names its sequences so that they select the synthetic world's scenes).
-    "semantickitti": (None, "train", "val"),
-}
-# A nuScenes version's own (train, val) splits in nuscenes-devkit, used when a config names the
-# version but not the splits (e.g. data.version=v1.0-mini reads mini_train / mini_val).
-NUSCENES_SPLITS: dict[str, tuple[str, str]] = {
-    "v1.0-trainval": ("train", "val"),
-    "v1.0-mini": ("mini_train", "mini_val"),
-}
-
 
 @dataclass(frozen=True)
 class SegDataConfig:
-    dataset: EvalDataset = "nuscenes"
-    root: str = ""  # dataset root (nuScenes or SemanticKITTI layout)
-    version: str | None = None  # nuScenes version; None: DATASET_DEFAULTS
+    dataset: str = "nuscenes"  # a name of the registry (hilda.datasets.labelled.DATASETS)
+    root: str = ""  # the dataset's root folder
+    version: str | None = None  # a release version (nuScenes'); None: the dataset's default
     train_split: str | None = None
     val_split: str | None = None
     # Labelled training frames used (Table 1's label fractions), chosen by ``subset``.
@@ -56,21 +40,21 @@ class SegDataConfig:
     #   sorted(scan paths)[::100]; an evenly spaced subset when the fraction is not 1/k);
     # "file": the frames ``subset_file`` lists (lidar tokens or sweep file names, one a line,
     #   or a .npy of them, e.g. ScaLR's lists);
-    # "auto": "scenes" on nuScenes and the synthetic world, "frames" on SemanticKITTI.
+    # "auto": the dataset's own rule ("scenes" on nuScenes and the synthetic world, "frames"
+    #   on SemanticKITTI and Waymo).
     subset: Literal["auto", "scenes", "frames", "file"] = "auto"
     subset_file: str | None = None
     max_val_frames: int | None = None  # evaluate on an evenly spaced subset (quick checks)
     num_workers: int = 2  # DataLoader worker processes reading sweeps and labels
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASET_DEFAULTS:
-            raise ConfigError(
-                f"data.dataset must be one of {sorted(DATASET_DEFAULTS)}, got {self.dataset!r}"
-            )
+        ds = labelled_dataset(self.dataset)  # a ConfigError naming the registered ones
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
-        if self.dataset == "semantickitti" and self.version is not None:
-            raise ConfigError("data.version is a nuScenes setting; SemanticKITTI has none")
+        if self.version is not None and not ds.versions:
+            raise ConfigError(
+                f"data.version is a nuScenes setting (its release); {ds.label} has none"
+            )
         if self.subset not in ("auto", "scenes", "frames", "file"):
             raise ConfigError(
                 f"data.subset must be auto, scenes, frames or file, got {self.subset!r}"
@@ -85,14 +69,16 @@ class SegDataConfig:
         """The subset rule in force: ``subset`` with "auto" resolved for the dataset."""
         if self.subset != "auto":
             return self.subset
-        return "frames" if self.dataset == "semantickitti" else "scenes"
+        return labelled_dataset(self.dataset).default_subset
 
     def resolved(self) -> tuple[str | None, str, str]:
-        """(version (None for SemanticKITTI), train split, val split)."""
-        version, train, val = DATASET_DEFAULTS[self.dataset]
+        """(version (None for a dataset without versions), train split, val split): the
+        dataset's defaults, a named version's own splits, the config's own splits."""
+        ds = labelled_dataset(self.dataset)
+        version, train, val = ds.default_splits
         if self.version is not None:
             version = self.version
-            train, val = NUSCENES_SPLITS.get(version, (train, val))
+            train, val = ds.versions.get(version, (train, val))
         return (version, self.train_split or train, self.val_split or val)
 
 

@@ -1,14 +1,10 @@
-"""Labelled LiDAR frames for the downstream segmentation runs (the I/O edge of ``hilda.eval``).
+"""Labelled LiDAR frames for the downstream segmentation runs: the splits a config names,
+their label-fraction subsets, and the torch dataset and batches of the fits.
 
-Two layouts:
-- nuScenes (or the synthetic world written in its format), read through nuscenes-devkit;
-  lidarseg general categories map to the 16 evaluation classes by the devkit's
-  ``LidarsegClassMapper``. Intensities are 0-255.
-- SemanticKITTI (``hilda.datasets.semantickitti``): raw ids map to the 19 evaluation classes
-  by the official learning map. Remission is 0-1.
-
-Labels are class indices 0..K-1, ``IGNORE`` (-1) for what the benchmark leaves out. Each split
-carries its classes and its intensity range, so the rest of ``hilda.eval`` is dataset-free.
+Datasets are reached through their protocol and registry (``hilda.datasets.labelled``): a
+split carries its classes and its intensity range, so the rest of ``hilda.eval`` is
+dataset-free. Labels are class indices 0..K-1, ``IGNORE`` (-1) for what the benchmark leaves
+out.
 """
 
 from __future__ import annotations
@@ -17,56 +13,22 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hilda.datasets import open_dataset
-from hilda.datasets import semantickitti as kitti
-from hilda.datasets.classes import COARSE_CLASSES
-from hilda.datasets.io import DatasetError, read_lidarseg_labels, read_sweep
+from hilda.datasets.io import DatasetError
+from hilda.datasets.labelled import IGNORE, LabelledFrame, LabelledSplit, labelled_dataset
 from hilda.engine import augment
 from hilda.engine.augment import AugmentConfig
 from hilda.engine.sampler import sample_seed
 from hilda.errors import HildaError
-from hilda.eval.config import NUSCENES_SPLITS, SegDataConfig
+from hilda.eval.config import SegDataConfig
 from hilda.store.reader import evenly_spaced
 
-NUSCENES_CLASSES: tuple[str, ...] = COARSE_CLASSES[1:]  # the 16 evaluation classes, 0..15
-IGNORE = -1
-Layout = Literal["nuscenes", "semantickitti"]
-# The intensity scale of each layout's files (the largest value a point can carry).
-INTENSITY_RANGE: dict[str, float] = {"nuscenes": 255.0, "semantickitti": kitti.INTENSITY_RANGE}
-
-
-@dataclass(frozen=True)
-class LabelledFrame:
-    token: str  # nuScenes sample token / SemanticKITTI "SS/NNNNNN" (error messages)
-    lidar_file: str
-    labels_file: str
-    scene: str = ""  # nuScenes scene name / SemanticKITTI sequence
-    # What a result records of the frames it trained on: the LIDAR_TOP sample_data token
-    # (nuScenes), "SS/NNNNNN" (SemanticKITTI).
-    lidar_token: str = ""
-
-
-@dataclass(frozen=True)
-class Split:
-    layout: Layout
-    frames: list[LabelledFrame]
-    classes: tuple[str, ...]  # the evaluation classes, label k = classes[k]
-    lut: np.ndarray  # (R,) int64 raw label id -> 0..K-1 or IGNORE (-2: unknown, KITTI)
-    total: int  # labelled frames in the split before any subsetting
-    intensity_range: float  # the files' intensity scale (255 nuScenes, 1 SemanticKITTI)
-    # The split's scenes (sequences) in the dataset's own order: nuScenes' scene table order,
-    # SemanticKITTI's sequence order. The scene protocol counts them.
-    scenes: tuple[str, ...] = ()
-    root: str = ""
-    # How ``frames`` were chosen from the split (a result records it): {"rule": "all"} or
-    # the rule of ``subset_frames`` with its parameters.
-    subset: dict = dataclasses.field(default_factory=lambda: {"rule": "all"})
+Split = LabelledSplit  # the name the evaluation modules use
+__all__ = ["IGNORE", "LabelledFrame", "Split"]
 
 
 def subset(n: int, fraction: float) -> np.ndarray:
@@ -169,14 +131,6 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def nuscenes_version(root: str | Path) -> str:
-    """The nuScenes version found under ``root``: v1.0-trainval, else v1.0-mini."""
-    for version in NUSCENES_SPLITS:
-        if (Path(root) / version).is_dir():
-            return version
-    raise DatasetError(f"{root} holds none of the nuScenes versions {sorted(NUSCENES_SPLITS)}")
-
-
 def open_split(
     cfg: SegDataConfig, split: str, *, fraction: float = 1.0, max_frames: int | None = None
 ) -> Split:
@@ -184,7 +138,7 @@ def open_split(
     ``max_frames`` (evenly spaced)."""
     if not cfg.root:
         raise HildaError("no dataset root: pass --root (or data.root in the config)")
-    full = _kitti_split(cfg, split) if cfg.dataset == "semantickitti" else _nusc_split(cfg, split)
+    full = labelled_dataset(cfg.dataset).open_split(cfg.root, split, cfg.resolved()[0])
     if not full.frames:
         raise DatasetError(f"split {split!r} of {cfg.root} has no frames")
     part = subset_frames(full, cfg, fraction)
@@ -194,61 +148,10 @@ def open_split(
     return part
 
 
-def _nusc_split(cfg: SegDataConfig, split: str) -> Split:
-    version = cfg.resolved()[0]
-    reader = open_dataset("nuscenes", cfg.root, version=version, split=split)
-    if not reader.has_labels:
-        raise DatasetError(
-            f"{cfg.root} ({version}) has no nuScenes-lidarseg annotations: segmentation needs "
-            "the lidarseg tables and label files"
-        )
-    missing = [f.token for f in reader.frames if not f.labels_file]
-    if missing:
-        raise DatasetError(
-            f"{len(missing)} of {len(reader.frames)} frames of split {split!r} in {cfg.root} "
-            f"have no lidarseg label file (first: frame {missing[0]})"
-        )
-    lut = reader.coarse_label_lut.astype(np.int64) - 1  # 0 (ignore) -> -1
-    frames = [
-        LabelledFrame(f.token, f.lidar_file, f.labels_file, f.scene, f.extra["lidar_sample_data"])
-        for f in reader.frames
-    ]
-    in_split = {f.scene for f in frames}
-    scenes = tuple(s["name"] for s in reader.nusc.scene if s["name"] in in_split)  # table order
-    scale = INTENSITY_RANGE["nuscenes"]
-    return Split(
-        "nuscenes", frames, NUSCENES_CLASSES, lut, len(frames), scale, scenes, str(cfg.root)
-    )
-
-
-def _kitti_split(cfg: SegDataConfig, split: str) -> Split:
-    scans = kitti.open_split(cfg.root, split)
-    if any(s.label_file is None for s in scans):
-        raise DatasetError(f"SemanticKITTI split {split!r} has no labels (test sequences)")
-    frames = [
-        LabelledFrame(s.token, s.scan_file, str(s.label_file), s.sequence, s.token) for s in scans
-    ]
-    return Split(
-        "semantickitti",
-        frames,
-        kitti.CLASSES,
-        kitti.label_lut(),
-        len(frames),
-        INTENSITY_RANGE["semantickitti"],
-        tuple(dict.fromkeys(s.sequence for s in scans)),
-        str(cfg.root),
-    )
-
-
 def read_labelled(split: Split, frame: LabelledFrame) -> tuple[np.ndarray, np.ndarray]:
     """(N, 4) float32 points (intensities on the files' scale) and (N,) int64 labels in
-    0..K-1 / IGNORE of one frame of ``split``."""
-    if split.layout == "semantickitti":
-        points = kitti.read_scan(frame.lidar_file, frame.token)
-        return points, kitti.read_labels(frame.labels_file, len(points), split.lut)
-    points = read_sweep(frame.lidar_file, frame.token)
-    raw = read_lidarseg_labels(frame.labels_file, len(points), frame.token)
-    return points, split.lut[raw]
+    0..K-1 / IGNORE of one frame of ``split``, read by its dataset."""
+    return labelled_dataset(split.dataset).read(split, frame)
 
 
 class SegDataset(Dataset):

@@ -1,5 +1,5 @@
-"""Linear probing and fine-tuning on labelled LiDAR frames (HilDA Sec. 4.1, C.2, D.1):
-nuScenes-lidarseg (16 classes) or SemanticKITTI (19 classes).
+"""Linear probing and fine-tuning on labelled LiDAR frames (HilDA Sec. 4.1, C.2, D.1), on
+any dataset of the registry (``hilda.datasets.labelled``).
 
 ``run_segmentation`` trains the Sec. C.2 head (and, fine-tuning, the backbone) with
 cross-entropy on the training frames, then scores every point of the validation frames:
@@ -23,6 +23,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Subset
 
 from hilda.atomic import write_json
+from hilda.datasets.labelled import labelled_dataset
 from hilda.determinism import deterministic_mode
 from hilda.engine.config_io import to_dict
 from hilda.engine.distributed import (
@@ -42,7 +43,6 @@ from hilda.errors import ConfigError
 from hilda.eval.config import SegConfig
 from hilda.eval.data import (
     IGNORE,
-    INTENSITY_RANGE,
     SegBatch,
     SegDataset,
     Split,
@@ -56,14 +56,14 @@ from hilda.eval.segment import Init, Segmenter, build_backbone
 
 # hilda pre-trains on nuScenes and AV2 sweeps, whose intensities are both 0-255: the scale a
 # pre-trained backbone's input features were learned on.
-PRETRAINING_INTENSITY_RANGE = INTENSITY_RANGE["nuscenes"]
+PRETRAINING_INTENSITY_RANGE = 255.0
 
 
 def result_name(mode: str, fraction: float, init: Init, dataset: str = "nuscenes") -> str:
     """A run's JSON file name after its protocol, e.g. ``linear-probe.json``,
     ``finetune-1pct.random-init.json``, ``semantickitti.finetune-1pct.json``."""
     name = "linear-probe" if mode == "linear" else f"finetune-{fraction * 100:g}pct"
-    prefix = "semantickitti." if dataset == "semantickitti" else ""
+    prefix = labelled_dataset(dataset).result_prefix
     suffix = ".random-init" if init == "random" else ""
     return f"{prefix}{name}{suffix}.json"
 
@@ -79,7 +79,8 @@ def result_path(
 
 def intensity_factor(split: Split) -> float:
     """The factor that puts ``split``'s intensities on the pre-training scale (SemanticKITTI's
-    0-1 remission x 255; 1 for nuScenes), so the input features mean the same on both."""
+    0-1 remission x 255; 1 for nuScenes), so the input features mean the same on every
+    dataset."""
     return PRETRAINING_INTENSITY_RANGE / split.intensity_range
 
 
@@ -360,7 +361,8 @@ def split_record(cfg: SegConfig, train: Split, val: Split) -> dict:
             "factor": intensity_factor(train),
         },
         # The protocol that chose the training frames, and the frames themselves (nuScenes
-        # LIDAR_TOP sample_data tokens, SemanticKITTI "SS/NNNNNN"): enough to rerun or compare.
+        # LIDAR_TOP sample_data tokens, SemanticKITTI "SS/NNNNNN", Waymo "<segment>/<time>"):
+        # enough to rerun or compare.
         "subset": train.subset,
         "train_tokens": [f.lidar_token for f in train.frames],
     }

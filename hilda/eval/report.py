@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from hilda.datasets.labelled import DATASETS
 from hilda.errors import HildaError
 
 
@@ -29,14 +30,15 @@ def run_label(result: dict) -> str:
     protocol = result.get("protocol", "?")
     if protocol == "finetune":
         protocol += f" {100 * result.get('fraction', 1.0):g}%"
-    if result.get("dataset") == "semantickitti":
-        protocol = f"SemanticKITTI {protocol}"
+    name = str(result.get("dataset", ""))
+    if name in DATASETS and DATASETS[name].result_prefix:  # the default dataset goes unnamed
+        protocol = f"{DATASETS[name].label} {protocol}"
     return f"{protocol}\n{result.get('init', '?')} backbone"
 
 
 def class_names(results: list[dict]) -> list[str]:
     """The classes of several results, in their order (nuScenes' 16, SemanticKITTI's 19, or
-    both, each once)."""
+    several datasets', each once)."""
     names: dict[str, None] = {}
     for r in results:
         names.update(dict.fromkeys(r.get("classes") or r["iou"]))

@@ -1,7 +1,8 @@
 """One row of the downstream table the papers in this line report (HilDA Table 1; SLidR,
 ScaLR, SuperFlow, CleverDistiller): mIoU on nuScenes-lidarseg val of the linear probe and of
 fine-tunes on 1, 5, 10, 25 and 100% of the labelled training frames, and of a fine-tune on
-1% of SemanticKITTI's training scans, scored on its sequence 08.
+1% of SemanticKITTI's training scans, scored on its sequence 08: every dataset of the
+registry that has Table 1 columns (``hilda.datasets.labelled``), in its order.
 
 ``run_table`` plans the entries the given datasets allow (and the random-init baseline of
 each, when asked), runs each through ``run_segmentation`` into its own result JSON in the
@@ -23,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hilda.atomic import atomic_write, write_json
+from hilda.datasets.labelled import TableColumns, labelled_dataset, table_datasets
 from hilda.engine.config_io import load_config, to_dict
 from hilda.engine.distributed import main_process
 from hilda.errors import ConfigError, HildaError
@@ -32,23 +34,42 @@ from hilda.eval.probe import result_name, run_segmentation
 from hilda.eval.report import read_result
 from hilda.eval.segment import Init
 
-NUSCENES_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
-SEMANTICKITTI_FRACTIONS = (0.01,)
-TableDataset = Literal["nuscenes", "semantickitti"]
+
+@dataclass(frozen=True)
+class TableData:
+    """One dataset of the table: its registry name, root ("" leaves its columns empty),
+    release version (None: the dataset's default) and fine-tune label fractions (None: its
+    Table 1 fractions)."""
+
+    dataset: str
+    root: str = ""
+    version: str | None = None
+    fractions: tuple[float, ...] | None = None
+
+    @property
+    def columns(self) -> TableColumns:
+        ds = labelled_dataset(self.dataset)
+        if ds.table is None:
+            raise ConfigError(f"{ds.label} has no column in Table 1")
+        return ds.table
+
+    @property
+    def finetune_fractions(self) -> tuple[float, ...]:
+        return self.columns.fractions if self.fractions is None else self.fractions
 
 
 @dataclass(frozen=True)
 class Entry:
     """One cell of the table: a protocol on a dataset from one initialisation."""
 
-    dataset: TableDataset
+    dataset: str
     mode: Literal["linear", "finetune"]
     fraction: float
     init: Init
 
     @property
     def column(self) -> str:
-        name = "nuScenes" if self.dataset == "nuscenes" else "SemanticKITTI"
+        name = labelled_dataset(self.dataset).label
         return f"{name} LP" if self.mode == "linear" else f"{name} {100 * self.fraction:g}%"
 
     @property
@@ -58,73 +79,79 @@ class Entry:
 
 @dataclass(frozen=True)
 class TableSpec:
-    """What a table measures: the checkpoint, the datasets, the label fractions, and the
-    linear-probe and fine-tune configs each entry starts from (the entry sets the dataset,
-    root and fraction; splits are the datasets' official ones)."""
+    """What a table measures: the checkpoint, the datasets (the table's columns, in the
+    registry's order; those with a root are run), and the linear-probe and fine-tune configs
+    each entry starts from (the entry sets the dataset, root, version and fraction; splits
+    are the datasets' official ones)."""
 
     backbone: str
     linear: SegConfig
     finetune: SegConfig
-    nuscenes_root: str = ""
-    nuscenes_version: str = "v1.0-trainval"
-    semantickitti_root: str = ""
-    fractions: tuple[float, ...] = NUSCENES_FRACTIONS
-    semantickitti_fractions: tuple[float, ...] = SEMANTICKITTI_FRACTIONS
+    datasets: tuple[TableData, ...]
     random_init: bool = False
 
     def __post_init__(self) -> None:
-        if not (self.nuscenes_root or self.semantickitti_root):
-            raise ConfigError(
-                "a table needs a dataset: pass --nuscenes-root and/or --semantickitti-root"
-            )
-        for f in (*self.fractions, *self.semantickitti_fractions):
-            if not 0.0 < f <= 1.0:
-                raise ConfigError(f"label fractions must be in (0, 1], got {f}")
+        if not any(d.root for d in self.datasets):
+            options = ", ".join(f"--{d.dataset}-root" for d in self.datasets)
+            raise ConfigError(f"a table needs a dataset: pass one of {options}")
+        for d in self.datasets:
+            d.columns  # noqa: B018 (a dataset without Table 1 columns is refused here)
+            for f in d.finetune_fractions:
+                if not 0.0 < f <= 1.0:
+                    raise ConfigError(f"label fractions must be in (0, 1], got {f}")
         if self.linear.mode != "linear" or self.finetune.mode != "finetune":
             raise ConfigError(
                 "the table's linear config needs mode=linear, its fine-tune config mode=finetune"
             )
 
+    def data(self, dataset: str) -> TableData:
+        return next(d for d in self.datasets if d.dataset == dataset)
+
+
+def table_data(roots: dict[str, str], **given: dict) -> tuple[TableData, ...]:
+    """Every dataset with Table 1 columns, in the table's order, with its root from ``roots``
+    ("" when absent) and any other ``TableData`` field from ``given[field][name]``."""
+    out = []
+    for ds in table_datasets():
+        fields = {k: v[ds.name] for k, v in given.items() if ds.name in v}
+        out.append(TableData(ds.name, roots.get(ds.name, ""), **fields))
+    return tuple(out)
+
 
 def columns(spec: TableSpec) -> list[str]:
-    """The row's columns in the paper's order: nuScenes LP and fractions, SemanticKITTI's."""
-    inits: tuple[Init, ...] = ("pretrained",)
-    entries = _entries(spec, inits, nuscenes=True, semantickitti=True)
+    """The row's columns in the paper's order: each dataset's LP and fractions."""
+    entries = _entries(spec, ("pretrained",), only_given=False)
     return list(dict.fromkeys(e.column for e in entries))
 
 
 def plan(spec: TableSpec) -> list[Entry]:
     """The entries the given datasets allow: every pre-trained entry, then the baselines."""
     inits: tuple[Init, ...] = ("pretrained", "random") if spec.random_init else ("pretrained",)
-    return _entries(
-        spec, inits, nuscenes=bool(spec.nuscenes_root), semantickitti=bool(spec.semantickitti_root)
-    )
+    return _entries(spec, inits, only_given=True)
 
 
-def _entries(
-    spec: TableSpec, inits: tuple[Init, ...], *, nuscenes: bool, semantickitti: bool
-) -> list[Entry]:
+def _entries(spec: TableSpec, inits: tuple[Init, ...], *, only_given: bool) -> list[Entry]:
     out = []
     for init in inits:
-        if nuscenes:
-            out.append(Entry("nuscenes", "linear", 1.0, init))
-            out += [Entry("nuscenes", "finetune", f, init) for f in spec.fractions]
-        if semantickitti:
-            kitti = spec.semantickitti_fractions
-            out += [Entry("semantickitti", "finetune", f, init) for f in kitti]
+        for d in spec.datasets:
+            if only_given and not d.root:
+                continue
+            if d.columns.linear:
+                out.append(Entry(d.dataset, "linear", 1.0, init))
+            out += [Entry(d.dataset, "finetune", f, init) for f in d.finetune_fractions]
     return out
 
 
 def entry_config(spec: TableSpec, entry: Entry) -> SegConfig:
-    """The config of one entry: the linear or fine-tune config on the entry's dataset, root
-    and fraction, with that dataset's official splits."""
+    """The config of one entry: the linear or fine-tune config on the entry's dataset, root,
+    version and fraction, with that dataset's official splits."""
     base = spec.linear if entry.mode == "linear" else spec.finetune
-    nusc = entry.dataset == "nuscenes"
+    own = spec.data(entry.dataset)
     data = dataclasses.replace(
         base.data,
         dataset=entry.dataset,
-        root=spec.nuscenes_root if nusc else spec.semantickitti_root,
-        version=spec.nuscenes_version if nusc else None,
+        root=own.root,
+        version=own.version,
         train_split=None,
         val_split=None,
         fraction=entry.fraction,
@@ -195,7 +222,7 @@ def run_table(spec: TableSpec, out: str | Path, console: Console | None = None) 
     sha = file_sha256(spec.backbone)
     entries = plan(spec)
     if not entries:
-        raise ConfigError("the table has no entry: give SemanticKITTI fractions or a nuScenes root")
+        raise ConfigError("the table has no entry: give a dataset root and its fractions")
     results: dict[Entry, dict] = {}
     for k, entry in enumerate(entries, 1):
         cfg = entry_config(spec, entry)

@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 
 from hilda.atomic import write_json
+from hilda.datasets.labelled import labelled_dataset
 from hilda.engine.config_io import to_dict
 from hilda.engine.distributed import World
 from hilda.engine.fit import Fit
@@ -136,10 +137,11 @@ def run_teacher_probe(
     writes) the result."""
     console = console or Console()
     tick = time.perf_counter()
-    if cfg.data.dataset == "semantickitti":
+    dataset = labelled_dataset(cfg.data.dataset)
+    if not dataset.has_cameras:
         raise HildaError(
             "the teacher probe reads the camera features of a hilda-prep cache of nuScenes "
-            "frames; SemanticKITTI has no camera images"
+            f"frames; {dataset.label} has no camera images"
         )
     version, train_name, val_name = cfg.data.resolved()
     train_split, val_split = open_split(cfg.data, train_name), open_split(cfg.data, val_name)

@@ -8,6 +8,8 @@
   provenance, the index, per-frame writes;
 - ``ragged``: the staged, shard-exclusive writes of the ragged (CSR) groups;
 - ``reader``: ``CacheReader`` for training, evaluation and benchmarks, and the stages' reads;
+- ``written``: the write records (what each shard's files were when written) and the
+  checks against them, so nothing is read that was not written;
 - ``info``: what a store holds (``hilda-prep info``);
 - ``lock``: one writer per store (and per run folder).
 

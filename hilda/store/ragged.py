@@ -19,6 +19,7 @@ import zarr
 
 from hilda.errors import FrameError
 from hilda.store.schema import RAGGED_ROW_CHUNK, RAGGED_ROWS_PER_SHARD
+from hilda.store.written import RECORD, Record, describe_rows, describe_whole
 
 STAGING = "_staging"
 Rows = tuple[np.ndarray, ...] | str  # a frame's columns, or why it could not be computed
@@ -49,8 +50,13 @@ def fix_offsets(
     offsets[1:] = np.cumsum(counts)
     resize_rows(group, int(offsets[-1]), shard_rows)
     group["offsets"][:] = offsets
-    group.attrs["skipped"] = {str(i): err for i, err in sorted(errors.items())}
-    group.attrs["counted"] = True
+    group.attrs.update(
+        {
+            "skipped": {str(i): err for i, err in sorted(errors.items())},
+            RECORD: describe_whole(group, ["offsets"]),
+            "counted": True,  # last in the same write: the offsets and their record are in
+        }
+    )
 
 
 def stage_rows(
@@ -109,9 +115,9 @@ def copy_rows(
     start: int,
     stop: int,
     offsets: np.ndarray,
-) -> None:
+) -> Record:
     """Dask task: write rows [start, stop) of every column (exactly one row shard) from the
-    staged rows of the frames they belong to."""
+    staged rows of the frames they belong to; returns the record of the files written."""
     staged: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # shard -> (starts, columns)
 
     def rows_of(f: int) -> list[np.ndarray]:
@@ -127,6 +133,16 @@ def copy_rows(
     group = zarr.open_group(store, path=path, mode="r+")
     for name, column in zip(columns, values, strict=True):
         group[name][start:stop] = column
+    return describe_rows(store, path, start, stop, columns)
+
+
+def row_shard_size(group: zarr.Group, columns: Sequence[str]) -> int:
+    """Rows a shard file of the ragged ``columns`` holds (one for all, as ``resize_rows``
+    lays them out)."""
+    sizes = {int(group[name].metadata.chunk_grid.chunk_shape[0]) for name in columns}
+    if len(sizes) != 1:
+        raise ValueError(f"{group.path}: ragged columns with different row shards {sizes}")
+    return sizes.pop()
 
 
 def remove_staging(store: str, staging: str) -> None:

@@ -40,7 +40,8 @@ from hilda.store.schema import (
     teacher_path,
 )
 from hilda.store.teacher_record import TeacherInfo, TeacherRecord, family_of, size_name
-from hilda.store.validate import validate_store
+from hilda.store.validate import file_problems, validate_store
+from hilda.store.written import DamagedShardError, RecordGuard, data_arrays
 
 Group = GroupSpec | str  # a group of the layout, or its path (``teacher/<name>``)
 
@@ -149,6 +150,7 @@ class CacheReader:
             self._pid = os.getpid()
             self._arrays: dict[str, zarr.Array] = {}
             self._small: dict[str, np.ndarray] = {}
+            self._guard = RecordGuard(self._root, self.store, stage_command)
         return self._root
 
     def attrs(self, group: Group) -> dict[str, Any]:
@@ -180,6 +182,16 @@ class CacheReader:
                     f"{self.store}: {group}/ is incomplete ({int(done.sum())} of {len(done)} "
                     f"shards); rerun `{command} --store {self.store}` to finish it"
                 )
+
+    def check_files(self, groups: Sequence[Group]) -> None:
+        """Every file of ``groups`` is present with the size its stage recorded, or one
+        DamagedShardError listing every damaged shard (``hilda.store.written``)."""
+        lines = file_problems(self.root, [_path(g) for g in groups])
+        if lines:
+            listed = "\n".join(f"  - {line}" for line in lines)
+            raise DamagedShardError(
+                f"{self.store}: {len(lines)} damaged shards (read as zeros otherwise):\n{listed}"
+            )
 
     def skipped(self, group: str) -> set[int]:
         """Frames a stage recorded as bad (``--skip-bad``)."""
@@ -227,7 +239,7 @@ class CacheReader:
         """A small per-frame array of ``SMALL``, read whole once per process."""
         self.root  # noqa: B018 (reopen in a forked process)
         if name not in self._small:
-            self._small[name] = np.asarray(self._array(name)[:])
+            self._small[name] = np.asarray(self._checked(name)[:])
         return self._small[name]
 
     def point_offsets(self) -> np.ndarray:
@@ -268,7 +280,10 @@ class CacheReader:
         """Every ``index/`` array, whole (calibration and poses of every frame); the file path
         arrays as paths (joined to the dataset root they are stored relative to)."""
         group = self.root["index"]
-        out = {k: np.asarray(group[k][:]) for k in group.array_keys()}
+        out = {}
+        for name in data_arrays(group):
+            self._guard.check(group[name], 0, group[name].shape[0])
+            out[name] = np.asarray(group[name][:])
         resolve = np.vectorize(lambda p: dataset_file(self.dataset_root, str(p)), otypes=[object])
         for name in PATH_ARRAYS:
             if name in out and out[name].size:
@@ -276,13 +291,14 @@ class CacheReader:
         return out
 
     def token(self, f: int) -> str:
-        return str(self._array("index/token")[f])
+        return str(self._checked("index/token", f, f + 1)[f])
 
     def tokens(self) -> np.ndarray:
-        return np.asarray(self._array("index/token")[:])
+        return np.asarray(self._checked("index/token")[:])
 
     def image_path(self, f: int, v: int) -> str:
-        return dataset_file(self.dataset_root, str(self._array("index/image_path")[f, v]))
+        stored = self._checked("index/image_path", f, f + 1)[f, v]
+        return dataset_file(self.dataset_root, str(stored))
 
     @property
     def dataset_root(self) -> str:
@@ -300,6 +316,13 @@ class CacheReader:
         if name not in self._arrays:  # opening an array reads its metadata: once
             self._arrays[name] = self._root[name]
         return self._arrays[name]
+
+    def _checked(self, name: str, lo: int = 0, hi: int | None = None) -> zarr.Array:
+        """Array ``name`` once rows [lo, hi) (all by default) are checked against their
+        write record (``hilda.store.written.RecordGuard``)."""
+        arr = self._array(name)
+        self._guard.check(arr, lo, arr.shape[0] if hi is None else hi)
+        return arr
 
     # -- per-frame reads ----------------------------------------------------------------------
     # Each ``*_reads`` method lists (array, selection) reads and a function that assembles their
@@ -359,6 +382,8 @@ class CacheReader:
     def gather(self, *reads: Reads) -> list[Any]:
         """Run every read of ``reads`` in one round trip; their assembled results in order."""
         flat = [item for r in reads for item in r.items]
+        for arr, sel in flat:
+            self._guard.check(arr, *_rows(sel))
         values = sync(_gather([arr.async_array.getitem(sel) for arr, sel in flat]))
         out, i = [], 0
         for r in reads:
@@ -390,6 +415,15 @@ class Reads:
 
     items: list[tuple[zarr.Array, Any]]
     assemble: Any  # Callable[[list[np.ndarray]], value]
+
+
+def _rows(selection: Any) -> tuple[int, int]:
+    """Axis-0 rows [lo, hi) a read's selection touches (a frame, a row slice, or a tuple
+    led by one)."""
+    first = selection[0] if isinstance(selection, tuple) else selection
+    if isinstance(first, slice):
+        return int(first.start or 0), int(first.stop)
+    return int(first), int(first) + 1
 
 
 async def _gather(coros: list) -> list:

@@ -7,7 +7,7 @@ reports them in one message, so a user fixes a store in one pass.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -26,6 +26,9 @@ from hilda.store.schema import (
     stage_command,
     teacher_group,
 )
+from hilda.store.written import check_group, has_records
+
+Files = Literal["off", "sizes", "deep"]
 
 
 class StoreValidationError(HildaError):
@@ -130,6 +133,8 @@ def validate_store(
     dataset: str | None = None,
     teacher: str | None = None,
     rebuild: str | None = None,
+    files: Files = "off",
+    files_of: Iterable[str] | None = None,
 ) -> zarr.Group:
     """Check the store at ``path`` (a folder or any fsspec URL zarr accepts).
 
@@ -137,6 +142,9 @@ def validate_store(
     point-map stage); every other known group is checked when present. ``dataset`` refuses a
     store built from another dataset; ``teacher`` requires ``teacher/<teacher>``; ``rebuild``
     names a group the caller is about to (re)build, which is not checked.
+    ``files`` also compares the groups' files with their write records
+    (``hilda.store.written``): "sizes" their presence and sizes, "deep" their CRC-32 too,
+    for the groups ``files_of`` names (every present group when None).
     Returns the opened root group (read-only). Raises ``StoreValidationError`` listing every
     violation.
     """
@@ -157,9 +165,35 @@ def validate_store(
         _check_stage_groups(root, dims, require, teacher, problems, rebuild)
     elif "index" in require:
         problems.append("group index/ is missing: run `hilda-prep index` first")
+    if files != "off" and not problems:
+        groups = stored_groups(root) if files_of is None else list(files_of)
+        problems += file_problems(root, [g for g in groups if g != rebuild], files == "deep")
     if problems:
         raise StoreValidationError(str(path), problems)
     return root
+
+
+def stored_groups(root: zarr.Group) -> list[str]:
+    """Paths of every stage group the store holds (teacher groups one by one)."""
+    groups = [spec.name for spec in STAGE_GROUPS if spec.name in root]
+    if "teacher" in root:
+        groups += [f"teacher/{name}" for name in sorted(root["teacher"].group_keys())]
+    return groups
+
+
+def file_problems(root: zarr.Group, groups: Iterable[str], deep: bool = False) -> list[str]:
+    """One line per damaged unit (shard, row shard) of the groups, every one of them."""
+    lines = []
+    for path in groups:
+        if path in root:
+            for damage in check_group(root[path], deep=deep):
+                lines.append(damage.line(stage_command(path)))
+    return lines
+
+
+def unrecorded_groups(root: zarr.Group) -> list[str]:
+    """Groups built before write records existed: their files cannot be checked."""
+    return [path for path in stored_groups(root) if not has_records(root[path])]
 
 
 def _root_problems(attrs: dict, dataset: str | None) -> list[str]:

@@ -32,6 +32,14 @@ from hilda.store.schema import (
     relative_to_root,
 )
 from hilda.store.validate import validate_store
+from hilda.store.written import (
+    RECORD,
+    Record,
+    data_arrays,
+    describe_whole,
+    put_record,
+    put_whole_record,
+)
 
 
 def open_writable(store: str) -> zarr.Group:
@@ -153,10 +161,14 @@ def mark_shard_done(
     shard: int,
     skipped: Mapping[str, str] | None = None,
     stats: Mapping[str, Sequence[float]] | None = None,
+    written: Record | None = None,
 ) -> None:
     """Record a finished frame shard: its skipped frames merged into the group's attributes
     (sorted, so they do not depend on the order workers finish), its statistics in its row
-    of the ``shard_stats`` array, then its ``done`` flag, last."""
+    of the ``shard_stats`` array, the record of its files (``hilda.store.written``), then
+    its ``done`` flag, last."""
+    if written is not None:
+        put_record(group, RECORD, shard, written)
     if skipped:
         merged = {**dict(group.attrs.get("skipped", {})), **{str(k): v for k, v in skipped.items()}}
         group.attrs["skipped"] = by_index(merged)
@@ -211,16 +223,20 @@ def open_for_stage(
     store: str, require: tuple[str, ...], builds: str, dataset: str | None = None
 ) -> zarr.Group:
     """Validate then open the store writable, for a stage that builds group ``builds`` (not
-    validated: the stage resumes, rebuilds or replaces it, ``prepare_group``)."""
-    validate_store(store, require=require, dataset=dataset, rebuild=builds)
+    validated: the stage resumes, rebuilds or replaces it, ``prepare_group``). The groups it
+    reads (``require``) must be as written: every file present with its recorded size."""
+    validate_store(
+        store, require=require, dataset=dataset, rebuild=builds, files="sizes", files_of=require
+    )
     return zarr.open_group(store, mode="r+")
 
 
 def write_index(group: zarr.Group, arrays: Mapping[str, np.ndarray]) -> None:
-    """Every index array at once (the index is small: one row per keyframe), then its
-    completion map."""
+    """Every index array at once (the index is small: one row per keyframe), the record of
+    their files, then its completion map."""
     for name, values in arrays.items():
         group[name][:] = values
+    put_whole_record(group, describe_whole(group, data_arrays(group)))
     group["done"][:] = True
 
 

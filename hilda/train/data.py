@@ -66,6 +66,8 @@ def check_cache(store: str, cfg: TrainConfig) -> CacheInfo:
     info: dict = {"store": reader.store, "cameras": len(reader.cameras)}
     if needs.teacher:
         info.update(_check_teacher(reader, cfg))
+        groups.append(info["teacher_group"].path)
+    reader.check_files(groups)  # nothing read that was not written: sizes, every shard
     if needs.occupancy:
         info.update(_check_occupancy(reader, needs))
     return CacheInfo(**info)

@@ -30,11 +30,12 @@ from hilda.datasets.synthetic.render import (
 from hilda.datasets.synthetic.world import World, make_world
 from hilda.errors import ConfigError
 
-Format = Literal["nuscenes", "av2", "semantickitti"]
+Format = Literal["nuscenes", "av2", "semantickitti", "waymo"]
 DEFAULT_IMAGE_SIZE: dict[str, tuple[int, int]] = {
     "nuscenes": (800, 450),
     "av2": (512, 388),
     "semantickitti": (1241, 376),  # KITTI's camera size; no images are written
+    "waymo": (1920, 1280),  # Waymo's front camera size; no images are written
 }
 
 
@@ -73,7 +74,10 @@ class SyntheticConfig:
 
     @property
     def rig(self) -> Rig:
-        rig = {"nuscenes": NUSCENES_RIG, "av2": AV2_RIG, "semantickitti": KITTI_RIG}[self.format]
+        rigs = {"nuscenes": NUSCENES_RIG, "av2": AV2_RIG, "semantickitti": KITTI_RIG}
+        # Waymo: 10 Hz frames; its LiDARs are hilda.datasets.synthetic.waymo_format's.
+        rigs["waymo"] = replace(KITTI_RIG, keyframe_period_us=100_000)
+        rig = rigs[self.format]
         lidar = rig.lidar
         beams, azimuths = self.lidar_beams or lidar.beams, self.lidar_azimuths or lidar.azimuths
         return replace(rig, lidar=replace(lidar, beams=beams, azimuths=azimuths))
@@ -146,6 +150,8 @@ def read_hint(cfg: SyntheticConfig) -> str:
         f"--version {cfg.version}",
         "av2": f"read it with: hilda-prep frames --dataset av2 --root {cfg.out} --split train",
         "semantickitti": f"{cfg.out}/sequences/NN (train 00-07, 09, 10; val 08)",
+        "waymo": f"{cfg.out}/{{training,validation}}/<component>/<segment>.parquet (Waymo v2): "
+        f"hilda-eval finetune --dataset waymo --root {cfg.out}",
     }[cfg.format]
 
 
@@ -216,6 +222,10 @@ def make_synthetic(
         from hilda.datasets.synthetic.kitti_format import write_semantickitti
 
         return write_semantickitti(cfg, progress)
+    if cfg.format == "waymo":
+        from hilda.datasets.synthetic.waymo_format import write_waymo
+
+        return write_waymo(cfg, progress)
     from hilda.datasets.synthetic.av2_format import write_av2
 
     return write_av2(cfg, progress)

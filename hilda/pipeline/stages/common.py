@@ -32,6 +32,7 @@ from hilda.store.ragged import (
     frame_shards,
     frames_counted,
     remove_staging,
+    row_shard_size,
     row_shards,
     rows_done_map,
     stage_rows,
@@ -41,6 +42,14 @@ from hilda.store.ragged import (
 )
 from hilda.store.schema import RAGGED_ROWS_PER_SHARD
 from hilda.store.writer import done_map, mark_shard_done
+from hilda.store.written import (
+    RECORD,
+    ROWS_RECORD,
+    Record,
+    describe_rows,
+    put_record,
+    record_array,
+)
 
 __all__ = ["FrameError", "StageOptions", "run_frame_shards", "write_ragged"]
 
@@ -118,29 +127,48 @@ def run_frame_shards(
     num_frames: int,
     frames_per_shard: int,
     label: str,
+    store: str,
     resources: dict[str, float] | None = None,
 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """Run ``fn(*args(start, stop))`` per frame shard not yet done and mark each shard done
-    as it finishes. A task returns a dict whose ``skipped`` maps frame index -> reason for
-    frames it skipped (with --skip-bad); they are merged into the group's ``skipped``
-    attribute. Returns (all skipped frames, the results of the tasks run now)."""
+    as it finishes, with the record of the files it wrote (``hilda.store.written``). A task
+    returns a dict whose ``skipped`` maps frame index -> reason for frames it skipped (with
+    --skip-bad); they are merged into the group's ``skipped`` attribute. Returns (all
+    skipped frames, the results of the tasks run now)."""
     done = done_map(group)
     shards = frame_shards(num_frames, frames_per_shard)
-    tasks = [Task(i, b - a, args(a, b)) for i, (a, b) in enumerate(shards) if not done[i]]
+    tasks = [
+        Task(i, b - a, (fn, store, group.path, a, b, args(a, b)))
+        for i, (a, b) in enumerate(shards)
+        if not done[i]
+    ]
     skipped = dict(group.attrs.get("skipped", {}))
+    record_array(group, RECORD, len(shards))
 
     def mark(task: Task, result: dict[str, Any]) -> None:
         # Per-shard results live in the store with the shard's done flag, so a resumed run
         # aggregates exactly what an uninterrupted one does.
         skipped.update({str(k): v for k, v in (result.get("skipped") or {}).items()})
-        mark_shard_done(group, task.key, result.get("skipped"), result.get("stats"))
+        mark_shard_done(
+            group, task.key, result.get("skipped"), result.get("stats"), result["written"]
+        )
 
     results = (
-        run_tasks(client, fn, tasks, label=label, on_done=mark, resources=resources)
+        run_tasks(client, _recorded_shard, tasks, label=label, on_done=mark, resources=resources)
         if tasks
         else []
     )
     return skipped, results
+
+
+def _recorded_shard(
+    fn: Callable[..., dict[str, Any]], store: str, path: str, f0: int, f1: int, args: tuple
+) -> dict[str, Any]:
+    """Dask task: ``fn(*args)``, then the record of the files it wrote for frames [f0, f1),
+    made on the worker while they are in its page cache."""
+    result = dict(fn(*args) or {})
+    result["written"] = describe_rows(store, path, f0, f1)
+    return result
 
 
 def write_ragged(
@@ -173,8 +201,11 @@ def write_ragged(
             run_tasks(client, stage_rows, tasks, label=f"{label} (compute)", on_done=_ignore)
         fix_offsets(group, *staged_counts(store, staging, shards), skip_bad, shard_rows)
     offsets = np.asarray(group["offsets"][:])
-    rows = row_shards(int(offsets[-1]), shard_rows)
+    # One copy task a shard file of the arrays as laid out (resize_rows), so no two tasks
+    # write one file and a row shard's record is its own files'.
+    rows = row_shards(int(offsets[-1]), row_shard_size(group, columns))
     done = rows_done_map(group, len(rows))
+    record_array(group, ROWS_RECORD, len(rows))
     copy = (store, group.path, staging, columns, frames_per_shard)
     counted = frames_counted(offsets, rows)
     tasks = [
@@ -182,7 +213,8 @@ def write_ragged(
     ]
     if tasks:
 
-        def mark(task: Task, _: Any) -> None:
+        def mark(task: Task, written: Record) -> None:
+            put_record(group, ROWS_RECORD, task.key, written)
             group["rows_done"][task.key] = True
 
         run_tasks(client, copy_rows, tasks, label=f"{label} (write)", on_done=mark)

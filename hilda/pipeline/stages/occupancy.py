@@ -115,6 +115,7 @@ def run_occupancy(cfg: OccupancyStageConfig, options: StageOptions) -> dict[str,
             num_frames=num_frames,
             frames_per_shard=fps,
             label="occupancy",
+            store=cfg.store,
         )
     record_stage(root, OCCUPANCY.name, asdict(occ))
     valid = int(read_valid(root).sum())

@@ -332,6 +332,7 @@ def run_teacher(cfg: TeacherConfig, options: StageOptions) -> dict[str, Any]:
             num_frames=num_frames,
             frames_per_shard=fps,
             label=f"teacher {cfg.group_name()}",
+            store=cfg.store,
             resources=resources,
         )
     fidelity = codec_fidelity(shard_stats(group))
