@@ -211,14 +211,14 @@ def _copy_world(world: Path, tmp_path: Path) -> Path:
 
     out = tmp_path / "w"
     shutil.copytree(world, out)
-    waymo.open_component.cache_clear()
+    waymo.forget_open_files()
     return out
 
 
 def _rewrite(path: Path, edit) -> None:
     table = pq.read_table(path)
     pq.write_table(edit(table), path, row_group_size=5)
-    waymo.open_component.cache_clear()
+    waymo.forget_open_files()
 
 
 def _first_labelled(root: Path) -> tuple[waymo.Segment, int]:

@@ -211,6 +211,7 @@ class ComponentFile:
         sizes = [meta.row_group(i).num_rows for i in range(self._file.num_row_groups)]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._rows: dict[tuple[int, int], int] = {}
+        self._last: tuple[tuple | None, object] = (None, None)  # the last decoded row group
         for row in range(table.num_rows):
             key = (
                 int(stamps[row]) if stamps is not None else -1,
@@ -235,15 +236,27 @@ class ComponentFile:
             raise DatasetError(f"{what}: {self.path} has no column {missing[0]!r}")
         row = self._rows[(timestamp, laser)]
         group = int(np.searchsorted(self._starts, row, side="right") - 1)
-        table = self._file.read_row_group(group, columns=list(columns))
+        key = (group, tuple(columns))
+        if self._last[0] != key:  # a frame's LiDARs share a row group: decode it once
+            self._last = (key, self._file.read_row_group(group, columns=list(columns)))
+        table = self._last[1]
         local = row - int(self._starts[group])
         return {c: table.column(c)[local].as_py() for c in columns}
 
 
-@functools.lru_cache(maxsize=64)
 def open_component(path: str, component: str) -> ComponentFile:
     """A component file, opened once per process (a loader worker reads many frames of a
-    segment)."""
+    segment; a forked worker opens its own, not its parent's handle)."""
+    return _open_component(path, component, os.getpid())
+
+
+def forget_open_files() -> None:
+    """Drop the opened component files (after a file was rewritten in place)."""
+    _open_component.cache_clear()
+
+
+@functools.lru_cache(maxsize=64)
+def _open_component(path: str, component: str, pid: int) -> ComponentFile:
     return ComponentFile(Path(path), component)
 
 
