@@ -131,7 +131,9 @@ def frames_cmd(
     )  # type: ignore[arg-type]
     lut = reader.coarse_label_lut if reader.has_labels else None  # type: ignore[attr-defined]
     summary = summarise_frames(reader.frames, lut, load)
-    table = Table(title=f"{dataset} {root} ({version if dataset == 'nuscenes' else split})")
+    # The release version where the reader's source has one (nuScenes), else the split.
+    which = getattr(getattr(reader, "source", None), "version", None) or split
+    table = Table(title=f"{dataset} {root} ({which})")
     for col in ("scene", "keyframes", "points per sweep", "cameras"):
         table.add_column(col)
     for sc in summary.scenes:
