@@ -32,6 +32,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -241,7 +242,7 @@ class ComponentFile:
             self._last = (key, self._file.read_row_group(group, columns=list(columns)))
         table = self._last[1]
         local = row - int(self._starts[group])
-        return {c: table.column(c)[local].as_py() for c in columns}
+        return {c: _value(table.column(c)[local]) for c in columns}
 
 
 def open_component(path: str, component: str) -> ComponentFile:
@@ -253,6 +254,14 @@ def open_component(path: str, component: str) -> ComponentFile:
 def forget_open_files() -> None:
     """Drop the opened component files (after a file was rewritten in place)."""
     _open_component.cache_clear()
+
+
+def _value(scalar: Any) -> Any:
+    """A cell as numpy (a list: a range image's values, a transform) or Python (a scalar):
+    a range image through Python floats would cost more than the whole conversion."""
+    if hasattr(scalar, "values") and hasattr(scalar, "is_valid"):  # a list scalar
+        return scalar.values.to_numpy(zero_copy_only=False) if scalar.is_valid else None
+    return scalar.as_py()
 
 
 @functools.lru_cache(maxsize=64)
