@@ -294,8 +294,8 @@ class Segment:
 def _image(value: dict | None, prefix: str, what: str, dtype: type) -> np.ndarray | None:
     """A range image column pair (``values``, ``shape``) as an (H, W, C) array (None when
     the return is absent); values that do not fill their shape are an error."""
-    values, shape = value.get(f"{prefix}.values") if value else None, None
-    if value is None or values is None:
+    values = value.get(f"{prefix}.values") if value else None
+    if values is None:
         return None
     shape = value.get(f"{prefix}.shape")
     if shape is None or len(shape) != 3:

@@ -8,6 +8,7 @@ every 100th labelled training frame, in sorted segment and timestamp order)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class WaymoLabelled:
         split_name = _split_of(frame.lidar_file)
         scan = waymo.read_frame(waymo.Segment(split.root, split_name, fid.segment), fid.timestamp)
         labels = np.where(scan.labels >= 0, split.lut[np.maximum(scan.labels, 0)], IGNORE)
-        return scan.points, labels.astype(np.int64)
+        return scan.points, labels.astype(np.int64)  # other LiDARs' points (-1): IGNORE
 
     def version_of(self, root: str) -> str | None:
         return None
@@ -80,8 +81,6 @@ class WaymoLabelled:
 
 def _split_of(component_path: str) -> str:
     """The split folder of ``ROOT/<split>/<component>/<segment>.parquet``."""
-    from pathlib import Path
-
     return Path(component_path).parent.parent.name
 
 
